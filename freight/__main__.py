@@ -1,0 +1,5 @@
+import sys
+
+from freight.cli.main import main
+
+sys.exit(main())

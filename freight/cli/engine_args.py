@@ -1,0 +1,44 @@
+"""Engine flags shared by every subcommand, spelled as vLLM spells them."""
+
+from __future__ import annotations
+
+import argparse
+
+from freight.config import EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    g = parser.add_argument_group("engine")
+    if model_positional:
+        g.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="Hugging Face model directory or hub id (default: the bundled model)")
+    g.add_argument("--model", default=None, help="Hugging Face model directory or hub id")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "half", "float"])
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, ...")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory", default=None,
+                   help="KV cache size, bytes or e.g. 2GiB (default: up to 4GiB on CPU)")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--num-threads", type=int, default=None, help="CPU threads for compute (default: all cores)")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    model = getattr(args, "model_tag", None) or args.model
+    if model is None:
+        from freight.entrypoints.llm import _default_model
+        model = _default_model()
+    return EngineConfig(
+        model=model, tokenizer=args.tokenizer, revision=args.revision, dtype=args.dtype, device=args.device,
+        seed=args.seed, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill, trust_remote_code=args.trust_remote_code,
+        served_model_name=getattr(args, "served_model_name", None), num_threads=args.num_threads)

@@ -1,0 +1,174 @@
+"""OutputProcessor: turns the tokens each step produced into text and RequestOutputs.
+
+It owns everything text-level: incremental detokenization, stop strings (matched on
+the text, so a stop split across tokens is found; text that might still become part
+of a stop is held back from streams), and gathering the sequences of an n > 1
+request into one RequestOutput (best_of keeps the n best by cumulative logprob).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from freight.core.request import Request
+from freight.engine.detokenizer import IncrementalDetokenizer
+from freight.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from freight.sampling_params import SamplingParams
+from freight.worker.model_runner import Logprobs, ModelRunnerOutput
+
+
+@dataclass
+class _SequenceState:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    logprobs: list[Logprobs] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_reason: int | str | None = None
+    sent_chars: int = 0
+    sent_tokens: int = 0
+
+    def check_stop_strings(self, params: SamplingParams, new_chars: int) -> bool:
+        """Cut the text at the first stop string that the new characters complete."""
+        if not params.stop or len(self.token_ids) < params.min_tokens:
+            return False
+        best = None
+        for stop in params.stop:
+            i = self.text.find(stop, max(0, len(self.text) - new_chars - len(stop) + 1))
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, stop)
+        if best is None:
+            return False
+        i, stop = best
+        self.text = self.text[:i + len(stop)] if params.include_stop_str_in_output else self.text[:i]
+        self.finish_reason, self.stop_reason = "stop", stop
+        return True
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: dict[str, _SequenceState]
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[Optional[Logprobs]] = field(default_factory=lambda: [None])
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs.values())
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.states: dict[str, _RequestState] = {}
+        self.seq_owner: dict[str, str] = {}  # sequence id -> request id
+
+    def add_request(self, request_id: str, seqs: list[Request], prompt: Optional[str]) -> None:
+        first = seqs[0]
+        params = first.sampling_params
+        self.states[request_id] = _RequestState(
+            request_id=request_id, prompt=prompt, prompt_token_ids=first.prompt_token_ids, params=params,
+            seqs={s.request_id: _SequenceState(
+                i, IncrementalDetokenizer(self.tokenizer, first.prompt_token_ids, params.skip_special_tokens))
+                for i, s in enumerate(seqs)},
+            metrics=RequestMetrics(arrival_time=first.arrival_time))
+        for s in seqs:
+            self.seq_owner[s.request_id] = request_id
+
+    def sequence_ids(self, request_id: str) -> list[str]:
+        st = self.states.get(request_id)
+        return list(st.seqs) if st else []
+
+    def in_use(self, ids: list[str]) -> bool:
+        return any(i in self.states or i in self.seq_owner for i in ids)
+
+    def process(self, updated: list[Request], runner_out: Optional[ModelRunnerOutput],
+                finished: list[Request]) -> tuple[list[RequestOutput], list[str]]:
+        """RequestOutputs for requests that progressed, and the sequences stop strings ended."""
+        now = time.monotonic()
+        touched: dict[str, _RequestState] = {}
+        stopped: list[str] = []
+        if runner_out is not None:
+            for seq_id, lps in runner_out.prompt_logprobs.items():
+                if seq_id in self.seq_owner:
+                    self.states[self.seq_owner[seq_id]].prompt_logprobs.extend(lps)
+        for req in updated:
+            rid = self.seq_owner.get(req.request_id)
+            if rid is None:
+                continue
+            st = touched[rid] = self.states[rid]
+            seq = st.seqs[req.request_id]
+            if seq.finish_reason is not None:
+                continue
+            tok = runner_out.sampled[req.request_id]
+            seq.token_ids.append(tok.token_id)
+            seq.cumulative_logprob += tok.logprob
+            if st.params.logprobs is not None:
+                seq.logprobs.append(tok.top_logprobs)
+            delta = seq.detokenizer.step(tok.token_id)
+            seq.text += delta
+            if seq.check_stop_strings(st.params, len(delta)):
+                stopped.append(req.request_id)
+            if st.metrics.first_token_time is None:
+                st.metrics.first_token_time = now
+                st.metrics.first_scheduled_time = req.first_scheduled_time
+                st.num_cached_tokens = max(req.num_cached_tokens, 0)
+            st.metrics.last_token_time = now
+        for req in finished:
+            rid = self.seq_owner.get(req.request_id)
+            if rid is None:
+                continue
+            st = touched[rid] = self.states[rid]
+            seq = st.seqs[req.request_id]
+            if seq.finish_reason is None:
+                seq.finish_reason = req.status.value
+                seq.stop_reason = req.stop_reason
+        outputs = []
+        for rid, st in touched.items():
+            out = self._make_output(st, now)
+            if out is not None:
+                outputs.append(out)
+            if st.finished:
+                del self.states[rid]
+                for seq_id in st.seqs:
+                    self.seq_owner.pop(seq_id, None)
+        return outputs, stopped
+
+    def _make_output(self, st: _RequestState, now: float) -> Optional[RequestOutput]:
+        finished = st.finished
+        params = st.params
+        seqs = list(st.seqs.values())
+        if params.n_seqs > params.n:
+            if not finished:
+                return None  # best_of: which sequences are returned is known only at the end
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
+        if finished:
+            st.metrics.finished_time = now
+        hold = 0 if params.include_stop_str_in_output else max(params.max_stop_len - 1, 0)
+        completions, delta_text, delta_ids = [], [], []
+        for i, seq in enumerate(seqs):
+            # Text that may turn out to start a stop string is not streamed yet.
+            ready = len(seq.text) if seq.finish_reason is not None else max(len(seq.text) - hold, seq.sent_chars)
+            delta_text.append(seq.text[seq.sent_chars:ready])
+            delta_ids.append(seq.token_ids[seq.sent_tokens:])
+            seq.sent_chars, seq.sent_tokens = ready, len(seq.token_ids)
+            completions.append(CompletionOutput(
+                index=i if params.n_seqs > params.n else seq.index, text=seq.text, token_ids=list(seq.token_ids),
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.logprobs) if params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        prompt_lps = None
+        if params.prompt_logprobs is not None and len(st.prompt_logprobs) == len(st.prompt_token_ids):
+            prompt_lps = st.prompt_logprobs
+        return RequestOutput(
+            request_id=st.request_id, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
+            outputs=completions, finished=finished, num_cached_tokens=st.num_cached_tokens, metrics=st.metrics,
+            prompt_logprobs=prompt_lps, delta_text=delta_text, delta_token_ids=delta_ids)

@@ -1,0 +1,113 @@
+"""LLM: the offline API, shaped like vLLM's so scripts migrate by changing the import."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Optional, Sequence, Union
+
+from tqdm import tqdm
+
+from freight.config import EngineConfig
+from freight.engine.llm_engine import LLMEngine, PromptType
+from freight.outputs import RequestOutput
+from freight.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# vLLM knobs that have no meaning for freight; accepted so scripts run unchanged.
+_IGNORED_VLLM_ARGS = {"enforce_eager", "gpu_memory_utilization", "swap_space", "disable_log_stats",
+                      "compilation_config", "disable_custom_all_reduce", "load_format"}
+
+
+def _default_model() -> str:
+    try:
+        from freight.model_dir import default_model_path
+    except ImportError:
+        raise ValueError("no model given: pass model=<Hugging Face directory or hub id>") from None
+    return default_model_path()
+
+
+class LLM:
+    def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, dtype: str = "auto",
+                 seed: int = 0, block_size: int = 16, kv_cache_memory: Union[int, str, None] = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: Optional[int] = None,
+                 max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True, device: str = "auto", revision: Optional[str] = None,
+                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, **kwargs: Any):
+        if tensor_parallel_size != 1:
+            raise ValueError("freight runs on one device; tensor_parallel_size must be 1")
+        unknown = set(kwargs) - _IGNORED_VLLM_ARGS
+        if unknown:
+            raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
+        config = EngineConfig(
+            model=model or _default_model(), tokenizer=tokenizer, revision=revision, dtype=dtype, device=device,
+            seed=seed, block_size=block_size, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+            trust_remote_code=trust_remote_code)
+        self.llm_engine = LLMEngine(config)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        # Validate every prompt before queueing any, so one bad prompt leaves nothing behind.
+        for p in prompts:
+            self.llm_engine._validate_prompt(self.llm_engine.tokenize_prompt(p)[1])
+        ids = []
+        for p, sp in zip(prompts, params):
+            rid = str(next(self._counter))
+            self.llm_engine.add_request(rid, p, sp)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while len(finished) < len(ids) and self.llm_engine.has_unfinished_requests():
+                for out in self.llm_engine.step():
+                    if out.finished and out.request_id in wanted:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            self.llm_engine.abort_request([i for i in ids if i not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[i] for i in ids]
+
+    def chat(self, messages: Union[list[dict], list[list[dict]]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+             use_tqdm: bool = True, chat_template: Optional[str] = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.apply_chat_template(conv, chat_template, add_generation_prompt) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, conversation: list[dict], chat_template: Optional[str] = None,
+                            add_generation_prompt: bool = True) -> dict:
+        tok = self.get_tokenizer()
+        if chat_template is None and not getattr(tok, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=... or use generate()")
+        text = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt)
+        # The template already holds any BOS token: tokenize without adding specials again.
+        return {"prompt": text, "prompt_token_ids": tok(text, add_special_tokens=False).input_ids}

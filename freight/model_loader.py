@@ -1,0 +1,172 @@
+"""Loads a Hugging Face model directory (or hub id) into one of freight's models.
+
+Weights are read tensor by tensor from memory-mapped safetensors files straight
+into the model's (possibly fused) parameters, so the checkpoint is never held in
+memory twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from freight.layers.rotary import RotaryEmbedding
+from freight.model_config import ModelConfig
+from freight.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+
+
+def resolve_model_dir(model: str, revision: Optional[str] = None) -> Path:
+    """A local directory as is; anything else is taken as a Hugging Face hub id."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise ValueError(f"model path {model!r} is a file; give the model's directory")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise FileNotFoundError(f"model directory {model!r} does not exist")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(model, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # offline, unknown repo, gated...: one clear message
+        raise FileNotFoundError(f"model {model!r} is neither a local directory nor a reachable Hugging Face "
+                                f"hub id ({type(e).__name__}: {e})") from e
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+    return dev
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        chosen = _DTYPES.get(str(cfg.torch_dtype), torch.float32)
+        if device.type == "cpu" and chosen == torch.float16:
+            chosen = torch.bfloat16  # CPU float16 matmuls are slow; bf16 has the same memory cost
+        if not _runs(chosen, device):
+            chosen = torch.float32
+        return chosen
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    chosen = _DTYPES[dtype]
+    if not _runs(chosen, device):
+        raise ValueError(f"dtype {dtype} is not supported on device {device}; use float32")
+    return chosen
+
+
+def _runs(dtype: torch.dtype, device: torch.device) -> bool:
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        return torch.cuda.is_bf16_supported()
+    try:
+        a = torch.ones(4, 4, dtype=dtype, device=device)
+        torch.nn.functional.silu(a @ a)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"safetensors shards listed in {index.name} are missing: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir} (freight loads safetensors only)")
+    return files
+
+
+def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    files = _safetensors_files(model_dir)
+    for f in tqdm(files, desc="Loading safetensors shards", disable=len(files) < 2):
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    cls = resolve_model_class(cfg.architecture)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives each name its own storage
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.build_cache(device)
+    _load_weights(model, model_dir)
+    return model.eval()
+
+
+def _load_weights(model: nn.Module, model_dir: Path) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for ckpt_name, tensor in iterate_weights(model_dir):
+        name = model.checkpoint_name(ckpt_name)
+        if "rotary_emb" in name:
+            continue  # old checkpoints store inv_freq; freight recomputes it
+        if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
+            continue
+        fused = next((k for k in model.stacked_params if f".{k}." in name), None)
+        if fused is not None:
+            target, shard = model.stacked_params[fused]
+            name = name.replace(f".{fused}.", f".{target}.")
+            sizes = model.stacked_shard_sizes(target)
+            dst = params[name].data.narrow(0, sum(sizes[:shard]), sizes[shard]) if name in params else None
+            key = f"{name}#{shard}"
+        else:
+            dst = params[name].data if name in params else None
+            key = name
+        if dst is None:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {type(model).__name__}")
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        loaded.add(key)
+    expected = set()
+    for name, p in params.items():
+        fused = next((t for t, _ in model.stacked_params.values() if f".{t}." in name), None)
+        n_shards = len(model.stacked_shard_sizes(fused)) if fused else 0
+        expected.update(f"{name}#{i}" for i in range(n_shards)) if fused else expected.add(name)
+    if model.cfg.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint in {model_dir} lacks weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def configure_threads(num_threads: Optional[int]) -> None:
+    """Use every core the process may run on unless told otherwise."""
+    if num_threads is None:
+        try:
+            num_threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            num_threads = os.cpu_count() or 1
+    torch.set_num_threads(num_threads)

@@ -1,0 +1,22 @@
+"""Maps the `architectures` entry of config.json to freight's model classes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from freight.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def resolve_model_class(architecture: str) -> type[nn.Module]:
+    try:
+        return MODEL_REGISTRY[architecture]
+    except KeyError:
+        raise ValueError(f"unsupported architecture {architecture!r}; freight supports: "
+                         f"{', '.join(sorted(MODEL_REGISTRY))}") from None

@@ -1,0 +1,54 @@
+"""What the engine hands back to callers, shaped like vLLM's RequestOutput."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence of a request."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: Optional[float]
+    logprobs: Optional[list[dict[int, float]]] = None
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or string that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: Optional[float] = None
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request after an engine step (or at the end of generate())."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: Optional[RequestMetrics] = None
+    prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
+    # Text and tokens produced since the previous RequestOutput of this request
+    # (what a streaming API sends); not part of vLLM's class, but cheap to carry.
+    delta_text: list[str] = field(default_factory=list)
+    delta_token_ids: list[list[int]] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
+                f"prompt_token_ids={self.prompt_token_ids}, outputs={self.outputs}, "
+                f"finished={self.finished})")
