@@ -45,6 +45,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     served_model_name: Optional[str] = None
     num_threads: Optional[int] = None
+    max_logprobs: int = 20  # vLLM's default cap on logprobs / prompt_logprobs per token
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

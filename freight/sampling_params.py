@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -42,15 +43,19 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
 
     def __post_init__(self) -> None:
-        if self.top_k is None or self.top_k < 0:
-            self.top_k = 0
+        if isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k == -1:
+            self.top_k = 0  # vLLM's "off"
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or [])]
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        self._validate()
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-        self._validate()
 
     def _validate(self) -> None:
         def bad(msg: str, param: str) -> None:
@@ -59,25 +64,34 @@ class SamplingParams:
         def is_int(x) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
+        def is_int_like(x) -> bool:  # JSON clients send "5" as a string sometimes; ids may be str keys
+            try:
+                return not isinstance(x, (bool, float)) and int(x) >= 0
+            except (TypeError, ValueError):
+                return False
+
+        def number(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            # NaN and inf pass plain comparisons, so check finiteness first.
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if ok:
+                ok = (v > lo if lo_open else v >= lo) and v <= hi
+            if not ok:
+                bound = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+                bad(f"{name} must be a number in {bound}, got {v!r}.", name)
+
         if not is_int(self.n) or self.n < 1:
             bad(f"n must be an integer of at least 1, got {self.n!r}.", "n")
         if self.best_of is not None and (not is_int(self.best_of) or self.best_of < self.n):
             bad(f"best_of must be an integer no smaller than n ({self.n}), got {self.best_of!r}.", "best_of")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not -2.0 <= v <= 2.0:
-                bad(f"{name} must be in [-2, 2], got {v}.", name)
-        if self.repetition_penalty <= 0.0:
-            bad(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.",
-                "repetition_penalty")
-        if self.temperature < 0.0:
-            bad(f"temperature must be non-negative, got {self.temperature}.", "temperature")
-        if not 0.0 < self.top_p <= 1.0:
-            bad(f"top_p must be in (0, 1], got {self.top_p}.", "top_p")
-        if not is_int(self.top_k):
-            bad(f"top_k must be an integer, got {self.top_k!r}.", "top_k")
-        if not 0.0 <= self.min_p <= 1.0:
-            bad(f"min_p must be in [0, 1], got {self.min_p}.", "min_p")
+        number("presence_penalty", -2.0, 2.0)
+        number("frequency_penalty", -2.0, 2.0)
+        number("repetition_penalty", 0.0, 1e4, lo_open=True)
+        number("temperature", 0.0, 1e4)
+        number("top_p", 0.0, 1.0, lo_open=True)
+        number("min_p", 0.0, 1.0)
+        if not is_int(self.top_k) or self.top_k < 0:
+            bad(f"top_k must be -1 (off) or a non-negative integer, got {self.top_k!r}.", "top_k")
         if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             bad(f"max_tokens must be at least 1, got {self.max_tokens!r}.", "max_tokens")
         if not is_int(self.min_tokens) or self.min_tokens < 0:
@@ -90,13 +104,20 @@ class SamplingParams:
                 bad(f"{name} must be a non-negative integer, got {v!r}.", name)
         if self.seed is not None and not is_int(self.seed):
             bad(f"seed must be an integer, got {self.seed!r}.", "seed")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop must be a non-empty string or a list of non-empty strings.", "stop")
-        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids must be non-negative integers.", "stop_token_ids")
-        for tok, bias in (self.logit_bias or {}).items():
-            if tok < 0 or not -100.0 <= bias <= 100.0:
-                bad(f"logit_bias must map token ids to values in [-100, 100], got {tok}: {bias}.", "logit_bias")
+        if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
+            bad(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.", "stop")
+        if (not isinstance(self.stop_token_ids, (list, tuple))
+                or any(not is_int(t) or t < 0 for t in self.stop_token_ids)):
+            bad("stop_token_ids must be a list of non-negative integers.", "stop_token_ids")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias must map token ids to values in [-100, 100].", "logit_bias")
+            for tok, bias in self.logit_bias.items():
+                ok_bias = (isinstance(bias, (int, float)) and not isinstance(bias, bool)
+                           and math.isfinite(bias) and -100.0 <= bias <= 100.0)
+                if not is_int_like(tok) or not ok_bias:
+                    bad(f"logit_bias must map token ids to values in [-100, 100], got {tok!r}: {bias!r}.",
+                        "logit_bias")
 
     @property
     def greedy(self) -> bool:

@@ -36,9 +36,10 @@ the measured speed of the first steps, which is not reproducible across runs.
 The bundled model in ``freight/default_model`` was made with::
 
     python scripts/train_default_model.py --out freight/default_model \\
-        --threads 1 --max-steps <N> --seed 0
+        --threads 1 --seed 0 --max-steps 1800 --minutes 58
 
-(the exact command and numbers are recorded in the model card).
+(the exact command, timings and losses are recorded in its model card and
+training_report.json).
 """
 
 from __future__ import annotations
@@ -227,11 +228,19 @@ def collect_documents(
 
 
 def train_tokenizer(train_docs: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # GPT-2's byte-level split, but with every newline a token of its own: then
+    # "\n" never merges with the next line's indentation, so a prompt that ends
+    # in a newline is tokenized the way the training text was.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -395,17 +404,25 @@ def write_tokenizer_config(out_dir: Path, tokenizer, model_max_length: int) -> N
         jinja.unlink()
 
 
-def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
+def greedy_samples(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, sample_seed: int | None = None
+) -> list[dict]:
+    """Greedy completions, or with sample_seed set, sampled ones (temperature 0.7, top-p 0.95)."""
     import torch
 
     model.eval()
     out = []
     for prompt in prompts:
         enc = tokenizer(prompt, return_tensors="pt")
+        if sample_seed is None:
+            kw = dict(do_sample=False)
+        else:
+            torch.manual_seed(sample_seed)
+            kw = dict(do_sample=True, temperature=0.7, top_p=0.95, top_k=0)
         with torch.no_grad():
             gen = model.generate(
                 **enc,
-                do_sample=False,
+                **kw,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
@@ -419,7 +436,7 @@ def write_model_card(out_dir: Path, report: dict) -> None:
     shape = r["model"]
     lines = [
         "---",
-        "license: psf-2.0",
+        "license: apache-2.0",
         "library_name: transformers",
         "pipeline_tag: text-generation",
         "tags: [freight, llama, python, code, tiny]",
@@ -437,7 +454,8 @@ def write_model_card(out_dir: Path, report: dict) -> None:
         f"(`sysconfig.get_paths()['stdlib']`, site-packages excluded): {r['data']['files']} `.py` files "
         f"({r['data']['bytes'] / 1e6:.1f} MB of source code, comments and docstrings), plus "
         f"{r['data']['topic_chats']} `pydoc_data` help topics and {r['data']['function_chats']} "
-        "documented functions formatted as ChatML conversations (docstring summary -> function source).",
+        "documented functions formatted as ChatML conversations (docstring summary -> function source). "
+        "The training text is Python's own, under the PSF license.",
         f"About 2% of files/topics (by a hash of their path) are held out: {r['data']['heldout_docs']} documents, "
         f"{r['heldout_tokens']:,} tokens. Train split: {r['train_tokens']:,} tokens.",
         "",
@@ -455,8 +473,9 @@ def write_model_card(out_dir: Path, report: dict) -> None:
         "## Training",
         "",
         f"- Script: `scripts/train_default_model.py` (in the freight repository), seed {r['seed']}.",
-        f"- Command: `{r['command']}`",
-        f"- {r['steps']} steps of {r['batch_size']} x {shape['seq_len']} tokens "
+        f"- Command: `{r['command']}`"
+        + (f" (to reproduce these weights exactly: `{r['reproduce_command']}`)" if r["reproduce_command"] != r["command"] else ""),
+        f"- {r['steps']} steps" + (f" (of {r['planned_steps']} in the LR schedule; stopped early by the time cap)" if r["steps"] < r["planned_steps"] else "") + f" of {r['batch_size']} x {shape['seq_len']} tokens "
         f"({r['tokens_trained']:,} tokens, {r['tokens_trained'] / max(1, r['train_tokens']):.2f} epochs), "
         f"AdamW (lr {r['lr']}, warmup {r['warmup_steps']}, cosine to {r['min_lr_ratio']} x), "
         f"weight decay {r['weight_decay']}, grad clip 1.0, {r['amp']} autocast.",
@@ -472,20 +491,35 @@ def write_model_card(out_dir: Path, report: dict) -> None:
         f"| unigram model, same tokenizer (train counts, add-one smoothing) | {r['unigram_loss']:.3f} | "
         f"{math.exp(r['unigram_loss']):.1f} |",
         "",
-        f"Train loss at the end (mean of last steps): {r['final_train_loss']:.3f}.",
+        f"That is {r['heldout_loss'] * r['heldout_tokens'] / r['data']['heldout_chars'] / math.log(2):.2f} bits per "
+        f"character for this model and {r['unigram_loss'] * r['heldout_tokens'] / r['data']['heldout_chars'] / math.log(2):.2f} "
+        f"for the unigram model. Train loss at the end (mean of the last 50 steps): {r['final_train_loss']:.3f}.",
         "",
-        "## Sample completions (greedy, transformers)",
+        f"## Sample completions (greedy, transformers, {r.get('sample_tokens', 64)} new tokens)",
         "",
     ]
-    for s in r["samples"]:
+    def show(samples):
+        out = []
+        for s in samples:
+            out += [
+                f"Prompt `{json.dumps(s['prompt'])[1:-1]}`:",
+                "",
+                "```python",
+                (s["prompt"] + s["completion"]).replace("```", "'''"),
+                "```",
+                "",
+            ]
+        return out
+
+    lines += show(r["samples"])
+    if r.get("samples_sampled"):
         lines += [
-            f"Prompt `{json.dumps(s['prompt'])[1:-1]}`:",
+            f"## Sampled completions (temperature 0.7, top-p 0.95, torch seed {r['seed']}, transformers)",
             "",
-            "```python",
-            (s["prompt"] + s["completion"]).replace("```", "'''"),
-            "```",
+            "Greedy decoding of a model this small falls into loops; sampling shows more of what it learned.",
             "",
         ]
+        lines += show(r["samples_sampled"])
     lines += [
         "## Limitations",
         "",
@@ -507,10 +541,17 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch/tokenizers threads (default: all cores)")
     p.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap on the training loop")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (sets the LR schedule; reproducible)")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=None,
+        help="stop after N steps without changing the LR schedule set by --max-steps "
+        "(replays a run that --minutes cut short; the report's reproduce_command uses it)",
+    )
+    p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--intermediate-size", type=int, default=768)
-    p.add_argument("--num-layers", type=int, default=6)
+    p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--num-kv-heads", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
@@ -660,8 +701,11 @@ def main(argv=None) -> dict:
     tokens_per_step = args.batch_size * args.seq_len
     step = probe_steps
     t_log = time.time()
-    while step < total_steps:
+    stop_at = total_steps if args.stop_after_steps is None else min(total_steps, args.stop_after_steps)
+    stopped_by_time = False
+    while step < stop_at:
         if time.time() > deadline:
+            stopped_by_time = True
             log(f"time cap of {args.minutes} minutes reached at step {step}/{total_steps}")
             break
         losses.append(step_fn(step, total_steps, warmup))
@@ -709,13 +753,21 @@ def main(argv=None) -> dict:
 
     # ---- samples (greedy, float32, from the saved weights' precision)
     samples = greedy_samples(model.float(), tokenizer, DEFAULT_SAMPLE_PROMPTS, args.sample_tokens)
-    for s in samples:
+    sampled = greedy_samples(model, tokenizer, DEFAULT_SAMPLE_PROMPTS, args.sample_tokens, sample_seed=args.seed)
+    for s in samples + sampled:
         log(f"sample {s['prompt']!r} -> {s['completion']!r}")
 
     weights_bytes = (out_dir / "model.safetensors").stat().st_size
     tail = losses[-max(1, min(50, len(losses))) :]
+    command = "python scripts/train_default_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    reproduce = command
+    if args.max_steps is None:
+        reproduce += f" --max-steps {total_steps}"
+    if stopped_by_time:
+        reproduce += f" --stop-after-steps {steps_done}"
     report = {
-        "command": "python scripts/train_default_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
+        "reproduce_command": reproduce,
         "seed": args.seed,
         "threads": args.threads,
         "python_version": platform.python_version(),
@@ -753,7 +805,9 @@ def main(argv=None) -> dict:
         "final_train_loss": sum(tail) / len(tail),
         "heldout_loss": heldout_loss,
         "unigram_loss": uni,
+        "sample_tokens": args.sample_tokens,
         "samples": samples,
+        "samples_sampled": sampled,
     }
     report["total_time_s"] = round(time.time() - t_start, 1)
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")

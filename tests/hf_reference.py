@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -152,7 +151,3 @@ def degeneracy(tokens: Sequence[int]) -> tuple[int, int]:
         prev = t
         longest = max(longest, run)
     return len(set(tokens)), longest
-
-
-def model_dir_str(p) -> str:
-    return str(Path(p))

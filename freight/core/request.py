@@ -41,6 +41,9 @@ class Request:
     first_scheduled_time: Optional[float] = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # Prompt positions whose logprobs were already produced: a preempted request recomputes
+    # its prompt, and those rows must not be reported twice.
+    num_prompt_logprobs_done: int = 0
     # Sibling sequences of an n > 1 request, forked from this one once its prompt is computed:
     # they share its blocks and draw their first tokens from the same logits.
     pending_forks: list["Request"] = field(default_factory=list)

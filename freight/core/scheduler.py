@@ -62,6 +62,15 @@ class SchedulerConfig:
     max_model_len: int
     enable_chunked_prefill: bool = True
 
+    def __post_init__(self) -> None:
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            # Without chunking a sequence is prefilled whole: one longer than the budget
+            # (a long prompt, or a recompute after preemption) could never be scheduled.
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
+                f"({self.max_model_len}) with chunked prefill disabled; raise max_num_batched_tokens "
+                "or enable chunked prefill")
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
@@ -75,6 +84,10 @@ class Scheduler:
 
     # -- queue management -------------------------------------------------
     def add_request(self, request: Request) -> None:
+        num_seqs = 1 + len(request.pending_forks)
+        if num_seqs > self.config.max_num_seqs:
+            raise ValueError(f"the request needs {num_seqs} sequences (n/best_of) but max_num_seqs is "
+                             f"{self.config.max_num_seqs}")
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -139,7 +152,7 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0:
             req = self.waiting[0]
-            if len(self.running) + 1 + len(req.pending_forks) > self.config.max_num_seqs:
+            if self._num_seats() + 1 + len(req.pending_forks) > self.config.max_num_seqs:
                 break
             cached_blocks, num_cached = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_cached
@@ -158,6 +171,11 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
+
+    def _num_seats(self) -> int:
+        # A running prompt's siblings (n > 1) take their seats when it forks, so they
+        # count already: admitting past them would overshoot max_num_seqs later.
+        return len(self.running) + sum(len(r.pending_forks) for r in self.running)
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
         return ScheduledRequest(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id))

@@ -21,7 +21,7 @@ from freight.engine.output_processor import OutputProcessor
 from freight.model_config import ModelConfig
 from freight.model_loader import configure_threads, load_model, resolve_device, resolve_dtype, resolve_model_dir
 from freight.outputs import RequestOutput
-from freight.sampling_params import SamplingParams
+from freight.sampling_params import SamplingParams, SamplingParamsError
 from freight.tokenizer import eos_token_ids, load_tokenizer
 from freight.worker.model_runner import ModelRunner, kv_bytes_per_block
 
@@ -142,6 +142,7 @@ class LLMEngine:
         seq_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
         if self.output_processor.in_use([request_id, *seq_ids]):
             raise ValueError(f"request id {request_id!r} is already in use")
+        self._validate_params(params)
         text, ids = self.tokenize_prompt(prompt)
         self._validate_prompt(ids)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -153,6 +154,27 @@ class LLMEngine:
         seqs[0].pending_forks = seqs[1:]
         self.output_processor.add_request(request_id, seqs, text)
         self.scheduler.add_request(seqs[0])
+
+    def _validate_params(self, params: SamplingParams) -> None:
+        """Limits that depend on this engine (SamplingParams checks the rest by itself)."""
+        if params.n_seqs > self.config.max_num_seqs:
+            name = "best_of" if params.best_of else "n"
+            raise SamplingParamsError(f"{name}={params.n_seqs} is more sequences than max_num_seqs "
+                                      f"({self.config.max_num_seqs})", name)
+        limit = min(self.config.max_logprobs, self.model_config.vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > limit:
+                raise SamplingParamsError(f"{name}={k} is more than the maximum of {limit} (max_logprobs)", name)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if bad:
+            raise SamplingParamsError(f"logit_bias has token ids outside the vocabulary [0, {vocab}): {bad[:5]}",
+                                      "logit_bias")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise SamplingParamsError(f"stop_token_ids outside the vocabulary [0, {vocab}): {bad[:5]}",
+                                      "stop_token_ids")
 
     def _validate_prompt(self, ids: list[int]) -> None:
         if not ids:

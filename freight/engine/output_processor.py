@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from freight.core.request import Request
+from freight.core.request import Request, RequestStatus
 from freight.engine.detokenizer import IncrementalDetokenizer
 from freight.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from freight.sampling_params import SamplingParams
@@ -113,7 +113,10 @@ class OutputProcessor:
             seq.cumulative_logprob += tok.logprob
             if st.params.logprobs is not None:
                 seq.logprobs.append(tok.top_logprobs)
-            delta = seq.detokenizer.step(tok.token_id)
+            # As in vLLM, the token that stopped the sequence (eos or stop_token_ids) adds no text
+            # unless include_stop_str_in_output; it stays in token_ids.
+            stop_token = req.status == RequestStatus.FINISHED_STOPPED and not st.params.include_stop_str_in_output
+            delta = "" if stop_token else seq.detokenizer.step(tok.token_id)
             seq.text += delta
             if seq.check_stop_strings(st.params, len(delta)):
                 stopped.append(req.request_id)

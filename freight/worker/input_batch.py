@@ -79,10 +79,13 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
         if req.sampling_params.prompt_logprobs is None:
             continue
         # Rows at positions p < prompt_len - 1 score prompt token p + 1.
+        first = max(s.num_computed_tokens, req.num_prompt_logprobs_done)
         last = min(s.num_computed_tokens + s.num_new_tokens, req.num_prompt_tokens - 1)
-        if last > s.num_computed_tokens:
-            prompt_rows.append(PromptRows(req, s.num_computed_tokens, last - s.num_computed_tokens))
-            rows.extend(range(int(starts[i]), int(starts[i]) + last - s.num_computed_tokens))
+        if last > first:
+            prompt_rows.append(PromptRows(req, first, last - first))
+            row0 = int(starts[i]) + first - s.num_computed_tokens
+            rows.extend(range(row0, row0 + last - first))
+            req.num_prompt_logprobs_done = last
     return ModelInput(
         input_ids=to_t(ids),
         positions=to_t(positions),

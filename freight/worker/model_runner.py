@@ -55,10 +55,12 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # Zeroed, not empty: attention reads whole blocks and masks the unused slots, and a
-        # masked NaN from uninitialised memory would still poison the weighted sum.
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
+        # Allocated empty (start-up stays fast, pages are touched only when used) and zeroed a
+        # range at a time on first use: attention reads whole blocks and masks the unused
+        # slots, but a masked NaN from uninitialised memory would still poison the sum.
+        self.kv_caches = [(torch.empty(shape, dtype=dtype, device=device),
+                           torch.empty(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
+        self._zeroed_blocks = 0  # blocks [0, this) have been zeroed
         self.sampler = Sampler(seed, device)
         self.generators: dict[str, torch.Generator] = {}
 
@@ -71,6 +73,16 @@ class ModelRunner:
             g = self.generators[req.request_id] = torch.Generator(device=self.device)
             g.manual_seed(seed)
         return g
+
+    def _zero_new_blocks(self, max_block_id: int) -> None:
+        if max_block_id < self._zeroed_blocks:
+            return
+        # Zero ahead in chunks so a growing cache is not zeroed one block per step.
+        end = min(max(max_block_id + 1, 2 * self._zeroed_blocks, 256), self.kv_caches[0][0].shape[0])
+        for k, v in self.kv_caches:
+            k[self._zeroed_blocks:end].zero_()
+            v[self._zeroed_blocks:end].zero_()
+        self._zeroed_blocks = end
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([c[0] for c in copies], device=self.device)
@@ -86,6 +98,7 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if out.is_empty:
             return result
+        self._zero_new_blocks(max(max(s.block_ids) for s in out.scheduled))
         if out.block_copies:
             self._copy_blocks(out.block_copies)
         inp = build_model_input(out, self.block_size, self.device)

@@ -51,7 +51,9 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Op
     if top_p is not None:
         probs = torch.softmax(sorted_logits, dim=-1)
         # Keep a token while the mass ranked above it is below top_p (the top token always stays).
-        sorted_logits = sorted_logits.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p[:, None], float("-inf"))
+        # Only rows that ask for it: at top_p=1 a float cumsum can reach 1.0 before the tail.
+        cut = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1.0)[:, None]
+        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     return logits.scatter(1, order, sorted_logits)
 
 

@@ -1,0 +1,62 @@
+"""`freight bench throughput | latency | serve` (flags follow `vllm bench`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from freight.benchmarks.datasets import add_dataset_args
+from freight.cli.engine_args import add_engine_args
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmark offline throughput, batch latency or a live server")
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+
+    t = sub.add_parser("throughput", help="offline throughput on a request set")
+    add_dataset_args(t)
+    t.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--output-json", default=None)
+    add_engine_args(t)
+    t.set_defaults(func=_run("throughput"))
+
+    lat = sub.add_parser("latency", help="prefill and per-step decode time of one batch")
+    lat.add_argument("--batch-size", type=int, default=8)
+    lat.add_argument("--input-len", type=int, default=32)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--num-iters", type=int, default=3)
+    lat.add_argument("--num-iters-warmup", type=int, default=1)
+    lat.add_argument("--output-json", default=None)
+    add_engine_args(lat)
+    lat.set_defaults(func=_run("latency"))
+
+    s = sub.add_parser("serve", help="load-test an OpenAI-compatible server (freight, vLLM, llama.cpp, ...)")
+    s.add_argument("--base-url", default="http://127.0.0.1:8000")
+    s.add_argument("--endpoint", default="/v1/completions")
+    s.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
+    s.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir for text prompts and the vocabulary of random ones (default: --model if it "
+                        "is a local dir, else the model path the server reports)")
+    s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson arrivals")
+    s.add_argument("--burstiness", type=float, default=1.0)
+    s.add_argument("--max-concurrency", type=int, default=None)
+    s.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument("--prompt-format", choices=["ids", "text"], default="ids",
+                   help="/v1/completions prompts as token ids (exact lengths) or decoded text; chat always sends text")
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--timeout", type=float, default=600.0)
+    s.add_argument("--metric-percentiles", "--percentiles", dest="percentiles", default="50,90,99",
+                   help="comma-separated, e.g. 50,90,99,99.9")
+    s.add_argument("--disable-tqdm", action="store_true")
+    s.add_argument("--output-json", default=None)
+    add_dataset_args(s)
+    s.set_defaults(func=_run("serve"))
+
+
+def _run(name: str):
+    def run(args) -> int:
+        import importlib
+
+        importlib.import_module(f"freight.benchmarks.{name}").run(args)
+        return 0
+    return run

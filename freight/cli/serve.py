@@ -1,0 +1,53 @@
+"""`freight serve [MODEL]`: the OpenAI-compatible server (flags spelled as vLLM's)."""
+
+from __future__ import annotations
+
+import argparse
+
+from freight.cli.engine_args import add_engine_args
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve a model over an OpenAI-compatible HTTP API "
+                                          "(/v1/completions, /v1/chat/completions, /v1/models, /metrics, ...).")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the API (default: $FREIGHT_API_KEY or "
+                        "$VLLM_API_KEY; /health, /metrics and /version stay open)")
+    s.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients use; the first is reported in responses (default: MODEL as given, "
+                        "'freight-default' for the bundled model)")
+    s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
+                   help="answer 503 once N requests are waiting to be scheduled (default: no limit)")
+    s.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="log engine throughput and queue stats this often (0: never)")
+    s.add_argument("--disable-log-requests", action="store_true", help="no log line per finished request")
+    s.add_argument("--disable-uvicorn-access-log", action="store_true")
+    s.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    s.add_argument("--graceful-shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="at shutdown, how long to wait for responses to finish before cancelling them")
+    add_engine_args(p, model_positional=True)
+    p.set_defaults(func=run)
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def run(args: argparse.Namespace) -> int:
+    from freight.entrypoints.openai.api_server import run_server
+
+    if not (args.model_tag or args.model):
+        try:
+            from freight.model_dir import default_model_path  # noqa: F401  the bundled model
+        except ImportError:
+            raise ValueError("a model is needed: `freight serve MODEL` (a Hugging Face model directory or hub "
+                             "id); this installation has no bundled default model") from None
+    return run_server(args)

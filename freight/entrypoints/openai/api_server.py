@@ -1,0 +1,197 @@
+"""The OpenAI-compatible HTTP server: FastAPI app, API-key check, uvicorn with a clean shutdown.
+
+The model is loaded before the port opens (a listening server is a ready server).
+On SIGTERM/SIGINT the listening sockets close first, then every in-flight request is
+aborted (its client gets an error, not a cut connection), uvicorn lets the responses
+finish, the engine thread stops and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from freight import __version__
+from freight.engine.async_llm import AsyncLLM
+from freight.entrypoints.openai.errors import APIError, install_error_handlers
+from freight.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                 DetokenizeResponse, ModelList, TokenizeRequest, TokenizeResponse,
+                                                 VersionResponse)
+from freight.entrypoints.openai.serving_chat import OpenAIServingChat
+from freight.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from freight.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
+from freight.metrics import CONTENT_TYPE, ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "freight-default"  # the served name of the bundled model
+# Reachable without the API key: load balancers and Prometheus do not hold it (as in vLLM).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str]
+    model_path: str
+    api_key: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model_path: str) -> "ServerSettings":
+        # As vLLM: the model as given on the command line; the bundled model's path is an
+        # install detail, so it gets a stable name instead.
+        given = getattr(args, "model_tag", None) or getattr(args, "model", None)
+        names = getattr(args, "served_model_name", None) or [given or DEFAULT_MODEL_NAME]
+        return cls(served_model_names=list(names), model_path=model_path, api_key=resolve_api_key(args))
+
+
+def resolve_api_key(args: argparse.Namespace) -> Optional[str]:
+    return getattr(args, "api_key", None) or os.environ.get("FREIGHT_API_KEY") or os.environ.get("VLLM_API_KEY")
+
+
+class APIKeyMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware): it must not get between streams and disconnects."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        if not secrets.compare_digest(auth, self.expected):
+            msg = ("Incorrect API key provided." if auth else
+                   "You didn't provide an API key. Provide it in an Authorization header: 'Bearer YOUR_KEY'.")
+            return await APIError(msg, 401, code="invalid_api_key").response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def build_app(async_llm: AsyncLLM, args) -> FastAPI:
+    """The app around a running AsyncLLM; `args` is the serve Namespace or a ServerSettings."""
+    settings = args if isinstance(args, ServerSettings) else ServerSettings.from_args(
+        args, async_llm.engine.config.model)
+    names = settings.served_model_names
+    metrics = ServerMetrics(names[0], async_llm.get_stats)
+    async_llm.output_observers.append(metrics.observe)
+    completion = OpenAIServingCompletion(async_llm, names)
+    chat = OpenAIServingChat(async_llm, names)
+    tokenization = OpenAIServingTokenization(async_llm, names)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        async_llm.begin_shutdown()  # idempotent; the owner joins the engine thread
+
+    app = FastAPI(title="freight", version=__version__, lifespan=lifespan)
+    app.state.async_llm = async_llm
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_llm.is_healthy:
+            return APIError("the engine has stopped", 503, code="engine_dead").response()
+        return Response(status_code=200)
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return tokenization.models(settings.model_path)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        return tokenization.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        return tokenization.detokenize(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw: Request) -> Response:
+        return await completion.create(request, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
+        return await chat.create(request, raw)
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, plus: abort in-flight requests at shutdown, and exit 0 after a signal.
+
+    uvicorn re-raises the signal once it has shut down gracefully (so the process dies
+    of it); a server that stopped cleanly on request should simply exit 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]):
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:  # stop accepting before aborting, so nothing new slips in
+            server.close()
+        self._on_shutdown()
+        await super().shutdown(sockets)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from freight.cli.engine_args import engine_config_from_args
+
+    config = engine_config_from_args(args)
+    async_llm = AsyncLLM.from_engine_config(config, max_waiting=args.max_waiting_requests,
+                                            log_stats_interval=args.log_stats_interval,
+                                            log_requests=not args.disable_log_requests)
+    try:
+        settings = ServerSettings.from_args(args, config.model)
+        app = build_app(async_llm, settings)
+        server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                        access_log=not args.disable_uvicorn_access_log,
+                                        timeout_graceful_shutdown=args.graceful_shutdown_timeout,
+                                        timeout_keep_alive=5),
+                         on_shutdown=async_llm.begin_shutdown)
+        logger.info("serving %s as %s on http://%s:%d%s", config.model, ", ".join(settings.served_model_names),
+                    args.host, args.port, " (API key required)" if settings.api_key else "")
+        server.run()
+    finally:
+        async_llm.shutdown()
+    logger.info("server stopped")
+    return 0 if server.started else 1

@@ -1,0 +1,242 @@
+"""POST /v1/chat/completions: messages -> the model's chat template -> a completion.
+
+Streams follow OpenAI's order: a chunk with the assistant role per choice, content
+deltas, a chunk with the finish reason, the usage chunk (choices []) when asked.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator, Optional
+
+import jinja2
+from fastapi import Request
+from starlette.responses import Response
+
+from freight.engine.async_llm import RequestStream
+from freight.entrypoints.openai.errors import APIError, bad_request
+from freight.entrypoints.openai.logprobs import TokenStrings, chat_logprobs
+from freight.entrypoints.openai.protocol import (ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
+                                                 ChatCompletionStreamChoice, ChatCompletionStreamResponse,
+                                                 ChatLogProbs, ChatMessage, DeltaMessage, usage)
+from freight.entrypoints.openai.serving_engine import (MAX_LOGPROBS, SSE_DONE, OpenAIServing, SSEResponse,
+                                                       check_common, extra_values, final_outputs, random_id, sse,
+                                                       sse_error, to_sampling_params, until_disconnect)
+from freight.sampling_params import SamplingParams
+
+_ROLES = ("system", "developer", "user", "assistant")
+_UNSUPPORTED_PARTS = {"image_url", "input_audio", "file", "image", "audio", "video", "video_url"}
+_RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tokenize", "chat_template", "add_generation_prompt",
+                             "continue_final_message", "return_dict", "return_tensors"}
+
+
+def _content_text(content: Any, where: str, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        if role == "assistant":
+            return ""
+        raise bad_request(f"Missing required parameter: '{where}.content'.", param=f"{where}.content",
+                          code="missing_required_parameter")
+    if not isinstance(content, list):
+        raise bad_request(f"Invalid type for '{where}.content': expected a string or an array of content parts.",
+                          param=f"{where}.content", code="invalid_type")
+    texts = []
+    for j, part in enumerate(content):
+        p = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _UNSUPPORTED_PARTS:
+            raise bad_request(f"'{p}': content of type '{kind}' is not supported; this model takes text only.",
+                              param=p, code="unsupported_content")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise bad_request(f"Invalid value for '{p}': expected {{\"type\": \"text\", \"text\": <string>}}.",
+                              param=p, code="invalid_value")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def parse_messages(messages: Any) -> list[dict[str, str]]:
+    """Check messages as OpenAI does and reduce them to {role, content[, name]} with text content."""
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array of messages.", param="messages",
+                          code="invalid_value")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"Invalid type for '{where}': expected an object with 'role' and 'content'.",
+                              param=where, code="invalid_type")
+        role = m.get("role")
+        if role is None:
+            raise bad_request(f"Missing required parameter: '{where}.role'.", param=f"{where}.role",
+                              code="missing_required_parameter")
+        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
+            raise bad_request(f"'{where}': tool and function messages are not supported by this server.",
+                              param=where, code="unsupported_parameter")
+        if role not in _ROLES:
+            raise bad_request(f"Invalid value for '{where}.role': {role!r}. Supported values are: 'system', "
+                              "'developer', 'user' and 'assistant'.", param=f"{where}.role", code="invalid_value")
+        msg = {"role": "system" if role == "developer" else role,
+               "content": _content_text(m.get("content"), where, role)}
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise bad_request(f"Invalid type for '{where}.name': expected a string.", param=f"{where}.name",
+                                  code="invalid_type")
+            msg["name"] = m["name"]
+        out.append(msg)
+    return out
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], chat_template: Optional[str] = None,
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                template_kwargs: Optional[dict[str, Any]] = None,
+                add_special_tokens: bool = False) -> tuple[str, list[int]]:
+    """The prompt text and token ids of a conversation (as LLM.chat builds them)."""
+    if not (chat_template or getattr(tokenizer, "chat_template", None)):
+        raise bad_request("This model has no chat template, so it cannot serve chat requests; use /v1/completions "
+                          "or pass a 'chat_template'.", param="messages", code="no_chat_template")
+    if add_generation_prompt and continue_final_message:
+        raise bad_request("'add_generation_prompt' and 'continue_final_message' cannot both be true.",
+                          param="continue_final_message")
+    if continue_final_message and messages[-1]["role"] != "assistant":
+        raise bad_request("'continue_final_message' needs the last message to be from the assistant.",
+                          param="continue_final_message")
+    kwargs = dict(template_kwargs or {})
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(kwargs))
+    if reserved:
+        raise bad_request(f"'chat_template_kwargs' must not set {', '.join(reserved)}.", param="chat_template_kwargs")
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise bad_request(f"The chat template could not be applied to these messages: {e}", param="messages",
+                          code="invalid_messages") from None
+    # The template already holds any BOS token: tokenize without adding specials again.
+    return text, tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        self.check_model(req.model)
+        self._check_unsupported(req)
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+        messages = parse_messages(req.messages)
+        text, ids = render_chat(self.tokenizer, messages, req.chat_template, req.add_generation_prompt,
+                                req.continue_final_message, req.chat_template_kwargs, req.add_special_tokens)
+        self.check_context(len(ids), None, "messages")
+        # Without a limit a chat reply may fill the rest of the context (OpenAI's and vLLM's default).
+        params = self._sampling_params(req, default_max_tokens=self.engine.max_model_len - len(ids))
+        self.check_context(len(ids), params.max_tokens, "messages")
+        request_id = random_id("chatcmpl")
+        streams = self.add_requests(request_id, [(text, ids)], params, prompt_param="messages")
+        if req.stream:
+            return SSEResponse(self._stream(req, request_id, ids, params, streams[0]),
+                               on_close=streams[0].abort)
+        try:
+            return await until_disconnect(raw, self._full(req, request_id, ids, params, streams[0]))
+        finally:
+            streams[0].abort()
+
+    @staticmethod
+    def _check_unsupported(req: ChatCompletionRequest) -> None:
+        def refuse(param: str, what: str) -> None:
+            raise bad_request(f"'{param}': {what} is not supported by this server.", param=param,
+                              code="unsupported_parameter")
+
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            refuse("response_format", f"response_format of type {req.response_format.get('type')!r}")
+        if req.tools:
+            refuse("tools", "tool calling")
+        if req.tool_choice not in (None, "none", "auto"):
+            refuse("tool_choice", "tool calling")
+        if req.functions:
+            refuse("functions", "function calling")
+        if req.function_call not in (None, "none", "auto"):
+            refuse("function_call", "function calling")
+
+    def _sampling_params(self, req: ChatCompletionRequest, default_max_tokens: int) -> SamplingParams:
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = default_max_tokens
+        values = dict(n=req.n, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                      temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
+                      max_tokens=max_tokens, logit_bias=req.logit_bias)
+        check_common(values)
+        if req.top_logprobs is not None:
+            if not req.logprobs:
+                raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+            if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+                raise bad_request(f"Invalid 'top_logprobs': expected a value in [0, {MAX_LOGPROBS}], got "
+                                  f"{req.top_logprobs}.", param="top_logprobs", code="invalid_value")
+        if req.logprobs:
+            values["logprobs"] = req.top_logprobs or 0
+        values.update(extra_values(req))
+        try:
+            return to_sampling_params(values)
+        except APIError as e:
+            if e.param == "max_tokens" and req.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"  # name the field the client sent
+            raise
+
+    def _logprobs(self, req: ChatCompletionRequest, strings: TokenStrings, token_ids: list[int],
+                  lps: list) -> Optional[ChatLogProbs]:
+        if not req.logprobs:
+            return None
+        return ChatLogProbs(content=chat_logprobs(strings, token_ids, lps, req.top_logprobs or 0))
+
+    async def _full(self, req: ChatCompletionRequest, request_id: str, prompt_ids: list[int],
+                    params: SamplingParams, stream: RequestStream) -> Response:
+        out = (await final_outputs([stream]))[0]
+        choices = []
+        for c in out.outputs:
+            strings = TokenStrings(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            choices.append(ChatCompletionChoice(
+                index=c.index, message=ChatMessage(role="assistant", content=c.text),
+                logprobs=self._logprobs(req, strings, c.token_ids, c.logprobs or []),
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        resp = ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                      usage=usage(len(prompt_ids), sum(len(c.token_ids) for c in out.outputs)))
+        return Response(resp.model_dump_json(), media_type="application/json")
+
+    async def _stream(self, req: ChatCompletionRequest, request_id: str, prompt_ids: list[int],
+                      params: SamplingParams, stream: RequestStream) -> AsyncIterator[str]:
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = bool(opts and opts.continuous_usage_stats)
+        created = int(time.time())
+        generated = 0
+
+        def chunk(choices: list[ChatCompletionStreamChoice], with_usage: bool = False) -> str:
+            return sse(ChatCompletionStreamResponse(
+                id=request_id, created=created, model=self.model_name, choices=choices,
+                usage=usage(len(prompt_ids), generated) if with_usage else None))
+
+        strings = [TokenStrings(self.tokenizer, prompt_ids, params.skip_special_tokens) for _ in range(params.n)]
+        done = [False] * params.n
+        try:
+            for i in range(params.n):
+                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+                            include_usage and continuous)
+            async for out in stream:
+                generated = sum(len(c.token_ids) for c in out.outputs)
+                for pos, c in enumerate(out.outputs):
+                    if done[c.index]:
+                        continue
+                    text, new_ids = out.delta_text[pos], out.delta_token_ids[pos]
+                    done[c.index] = c.finish_reason is not None
+                    if not text and not new_ids and not done[c.index]:
+                        continue
+                    lps = (c.logprobs or [])[len(c.token_ids) - len(new_ids):]
+                    yield chunk([ChatCompletionStreamChoice(
+                        index=c.index, delta=DeltaMessage(content=text) if text else DeltaMessage(),
+                        logprobs=self._logprobs(req, strings[c.index], new_ids, lps),
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)], include_usage and continuous)
+            if include_usage:
+                yield chunk([], True)
+        except Exception as e:
+            yield sse_error(e)
+        finally:
+            stream.abort()
+        yield SSE_DONE

@@ -1,0 +1,887 @@
+"""Model-free tests of the Scheduler + KVCacheManager: random workloads driven with fake tokens.
+
+A `Harness` plays the engine: it adds requests, aborts some, calls `schedule()`, emulates the
+model runner and feeds sampled tokens back through `update_from_output()`. The "model" is a
+deterministic function of a request's whole token history, so every request's output is known
+in advance no matter how it was batched, chunked, prefix-cached or preempted.
+
+The runner emulation also keeps a shadow KV cache: each cache slot records which token
+history its K/V was computed from (a key for all tokens up to and including that position).
+After every step, every running request must find its own history in each slot of its block
+table it has computed; that is the end-to-end property a paged cache with prefix sharing
+must keep (a shared or reused block holds exactly the prefix the reader expects).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
+                                 run_state_machine_as_test)
+
+from freight.core.kv_cache_manager import KVCacheManager
+from freight.core.request import Request, RequestStatus
+from freight.core.scheduler import Scheduler, SchedulerConfig
+from freight.sampling_params import SamplingParams
+
+EOS = 0
+
+
+def model_token(tokens: list[int], vocab: int, salt: int, seq: int = 0) -> int:
+    """The fake model + sampler: a deterministic function of the full token history (and, like
+    a seeded sampler, of which sequence of an n > 1 request it samples for)."""
+    return hash((salt, seq, tuple(tokens))) % vocab
+
+
+def seq_index(request_id: str) -> int:
+    return int(request_id.rsplit("#", 1)[1]) if "#" in request_id else 0
+
+
+def reference_output(prompt: list[int], max_tokens: int, ignore_eos: bool, max_model_len: int,
+                     vocab: int, salt: int, seq: int = 0) -> tuple[list[int], RequestStatus]:
+    """What a sequence must produce, computed directly without any scheduler."""
+    toks, out = list(prompt), []
+    while True:
+        t = model_token(toks, vocab, salt, seq)
+        toks.append(t)
+        out.append(t)
+        if not ignore_eos and t == EOS:
+            return out, RequestStatus.FINISHED_STOPPED
+        if len(out) >= max_tokens or len(toks) >= max_model_len:
+            return out, RequestStatus.FINISHED_LENGTH
+
+
+@dataclass
+class Spec:
+    rid: str
+    prompt: list[int]
+    max_tokens: int
+    ignore_eos: bool
+    arrival: int = 0              # step before which it is added
+    abort_at: Optional[int] = None  # step before which it is aborted (if still alive)
+    n: int = 1                    # sequences (n > 1: the first computes the prompt, the rest fork)
+
+    @property
+    def seq_ids(self) -> list[str]:
+        return [self.rid] if self.n == 1 else [f"{self.rid}#{i}" for i in range(self.n)]
+
+
+@dataclass
+class Config:
+    block_size: int
+    num_blocks: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    chunked: bool
+    caching: bool
+    vocab: int
+    salt: int
+
+
+class Harness:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.bs = cfg.block_size
+        self.kv = KVCacheManager(cfg.num_blocks, cfg.block_size, cfg.caching)
+        self.sched = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                               cfg.max_model_len, cfg.chunked), self.kv)
+        self.reqs: dict[str, Request] = {}   # every sequence ever added, by sequence id
+        self.specs: dict[str, Spec] = {}
+        self.aborted: set[str] = set()
+        self.unreported: set[str] = set()   # finished since the last schedule()
+        self.slots: dict[tuple[int, int], int] = {}  # (block_id, offset) -> history key
+        self.prefix_keys: dict[str, list[int]] = {}
+        self.steps = 0
+        self.saw_preemption = False
+        self.saw_prefix_hit = False
+        self.saw_shared_block = False
+        self.saw_fork = False
+        self.saw_copy = False
+
+    # -- engine-side actions --------------------------------------------------------------
+    def add(self, spec: Spec) -> Request:
+        """Add a request the way LLMEngine.add_request does; returns its first sequence."""
+        assert 1 <= len(spec.prompt) < self.cfg.max_model_len <= self.cfg.num_blocks * self.bs
+        assert spec.n <= self.cfg.max_num_seqs
+        params = SamplingParams(n=spec.n, max_tokens=spec.max_tokens, ignore_eos=spec.ignore_eos)
+        seqs = [Request(request_id=sid, prompt_token_ids=list(spec.prompt), sampling_params=params.for_sample(i),
+                        max_tokens=spec.max_tokens, eos_token_ids=frozenset({EOS}))
+                for i, sid in enumerate(spec.seq_ids)]
+        seqs[0].pending_forks = seqs[1:]
+        for r in seqs:
+            self.reqs[r.request_id] = r
+        self.specs[spec.rid] = spec
+        self.sched.add_request(seqs[0])
+        assert self.sched.get_request(seqs[0].request_id) is seqs[0]
+        return seqs[0]
+
+    def abort(self, rid: str) -> None:
+        """Abort all sequences of request `rid` (like LLMEngine.abort_request)."""
+        spec = self.specs.get(rid)
+        seq_ids = spec.seq_ids if spec else [rid]
+        known = {sid for sid in seq_ids if self.sched.get_request(sid) is not None}
+        pending = {c.request_id for sid in known for c in self.sched.get_request(sid).pending_forks}
+        done = self.sched.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+        assert sorted(r.request_id for r in done) == sorted(known | pending)
+        for r in done:
+            assert r.status == RequestStatus.FINISHED_ABORTED
+            assert r.pending_forks == []
+            self.aborted.add(r.request_id)
+        self.unreported |= known  # the runner only ever saw sequences that were in the scheduler
+        for sid in seq_ids:
+            assert self.sched.get_request(sid) is None
+        self.check()
+
+    # -- one engine step ------------------------------------------------------------------
+    def key(self, req: Request, pos: int) -> int:
+        keys = self.prefix_keys.setdefault(req.request_id, [])
+        toks = req.all_token_ids
+        while len(keys) <= pos:
+            keys.append(hash((keys[-1] if keys else -1, toks[len(keys)])))
+        return keys[pos]
+
+    def step(self) -> None:
+        cfg, bs = self.cfg, self.bs
+        waiting_before = {r.request_id for r in self.sched.waiting}
+        out = self.sched.schedule()
+        self.steps += 1
+        assert out.finished_request_ids == self.unreported
+        self.unreported = set()
+        if out.num_preempted:
+            self.saw_preemption = True
+
+        # (1) budgets
+        assert out.total_num_tokens <= cfg.max_num_batched_tokens
+        assert len(self.sched.running) <= cfg.max_num_seqs
+        assert len(out.scheduled) <= cfg.max_num_seqs
+        rids = [s.request.request_id for s in out.scheduled]
+        assert len(set(rids)) == len(rids)
+        assert self.sched.num_unfinished == 0 or not out.is_empty, "nothing scheduled with work pending"
+
+        for s in out.scheduled:
+            req = s.request
+            assert req.status == RequestStatus.RUNNING and req in self.sched.running
+            assert s.num_new_tokens >= 1
+            assert req.num_computed_tokens == s.num_computed_tokens + s.num_new_tokens  # advanced
+            assert s.num_computed_tokens + s.num_new_tokens <= req.num_tokens
+            assert s.num_computed_tokens >= 0
+            assert len(s.block_ids) >= math.ceil(req.num_computed_tokens / bs)
+            assert s.block_ids == self.kv.block_ids(req.request_id)
+            if not cfg.chunked:
+                assert s.completes_sequence, "a prompt was split with chunked prefill off"
+            if req.request_id in waiting_before and s.num_computed_tokens > 0:
+                self.saw_prefix_hit = True
+                assert s.num_computed_tokens % bs == 0
+
+        # Emulate the runner: block copies first, then all new K/V are written before anything is read.
+        for src, dst in out.block_copies:
+            self.saw_copy = True
+            assert src != dst
+            assert self.kv.pool.blocks[dst].ref_cnt == 1, "copy-on-write target is shared"
+            for off in range(bs):
+                if (src, off) in self.slots:
+                    self.slots[(dst, off)] = self.slots[(src, off)]
+                else:
+                    self.slots.pop((dst, off), None)
+        for s in out.scheduled:
+            for p in range(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens):
+                self.slots[(s.block_ids[p // bs], p % bs)] = self.key(s.request, p)
+        sampled = {}
+        for s in out.scheduled:
+            seqs = s.sampled_requests
+            assert bool(seqs) == s.completes_sequence and (not seqs or seqs[0] is s.request)
+            for seq in seqs:
+                # Forks draw from the parent's last row: same history (the shared prompt).
+                assert seq.all_token_ids == s.request.all_token_ids
+                sampled[seq.request_id] = model_token(seq.all_token_ids, cfg.vocab, cfg.salt,
+                                                      seq_index(seq.request_id))
+            if len(seqs) > 1:
+                self.saw_fork = True
+        self.check_shadow()
+
+        updated = self.sched.update_from_output(out, sampled)
+        assert sorted(r.request_id for r in updated) == sorted(sampled)
+        for r in updated:
+            assert r.output_token_ids[-1] == sampled[r.request_id]
+            assert r.pending_forks == []
+            if r.status.finished:
+                assert r not in self.sched.running and self.sched.get_request(r.request_id) is None
+                self.unreported.add(r.request_id)
+            else:
+                assert r.status == RequestStatus.RUNNING and self.sched.get_request(r.request_id) is r
+        self.check()
+
+    # -- invariants -----------------------------------------------------------------------
+    def check_shadow(self) -> None:
+        """Every computed position of every running request holds that request's own history."""
+        bs = self.bs
+        for req in self.sched.running:
+            table = self.kv.block_ids(req.request_id)
+            for p in range(req.num_computed_tokens):
+                got = self.slots.get((table[p // bs], p % bs))
+                assert got == self.key(req, p), (
+                    f"{req.request_id}: slot for position {p} (block {table[p // bs]}) holds K/V of another "
+                    f"history")
+
+    def check(self) -> None:
+        cfg, bs, kv, sched, pool = self.cfg, self.bs, self.kv, self.sched, self.kv.pool
+        running, waiting = sched.running, list(sched.waiting)
+        # queues
+        ids_r = [r.request_id for r in running]
+        ids_w = [r.request_id for r in waiting]
+        assert len(set(ids_r)) == len(ids_r) and len(set(ids_w)) == len(ids_w)
+        assert not set(ids_r) & set(ids_w)
+        assert set(sched.requests) == set(ids_r) | set(ids_w)
+        assert sched.num_unfinished == len(ids_r) + len(ids_w)
+        assert len(running) <= cfg.max_num_seqs
+        for r in running:
+            assert r.status == RequestStatus.RUNNING
+            assert 0 < r.num_computed_tokens < r.num_tokens
+            # (4) block table covers exactly the computed tokens
+            assert len(kv.req_blocks[r.request_id]) == math.ceil(r.num_computed_tokens / bs)
+            assert kv.num_cached_blocks.get(r.request_id, 0) <= len(kv.req_blocks[r.request_id])
+        for r in running:
+            if r.pending_forks:  # still prefilling its prompt (chunked)
+                assert not r.output_token_ids and r.num_computed_tokens < r.num_prompt_tokens
+        # Each request's seat count includes its pending forks.
+        assert len(running) + sum(len(r.pending_forks) for r in running) <= cfg.max_num_seqs
+        pending = [c for r in running + waiting for c in r.pending_forks]
+        for c in pending:
+            assert c.status == RequestStatus.WAITING and c.request_id not in sched.requests
+            assert c.request_id not in kv.req_blocks and c.num_computed_tokens == 0 and not c.output_token_ids
+        for r in waiting:
+            if r.pending_forks:
+                assert not r.output_token_ids
+            assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert r.num_computed_tokens == 0
+            assert kv.req_blocks.get(r.request_id, []) == []
+            assert r.request_id not in kv.num_cached_blocks
+        for r in self.reqs.values():
+            assert r.num_tokens == r.num_prompt_tokens + len(r.output_token_ids)
+            assert r.all_token_ids[:r.num_prompt_tokens] == r.prompt_token_ids
+            assert r.num_tokens <= cfg.max_model_len
+            if r.request_id not in sched.requests and r not in pending:
+                assert r.status.finished
+        assert set(kv.req_blocks) <= set(sched.requests)
+        assert set(kv.num_cached_blocks) <= set(sched.requests)
+
+        # (2) ref counts == number of tables holding the block; ref 0 <=> in the free queue
+        holders: dict[int, list[tuple[str, int]]] = {}
+        for rid, blocks in kv.req_blocks.items():
+            assert len({id(b) for b in blocks}) == len(blocks), f"{rid} holds a block twice"
+            for i, b in enumerate(blocks):
+                assert pool.blocks[b.block_id] is b
+                holders.setdefault(b.block_id, []).append((rid, i))
+        for b in pool.blocks:
+            assert b.ref_cnt == len(holders.get(b.block_id, ())), f"block {b.block_id}"
+            assert (b.ref_cnt == 0) == (b.block_id in pool.free_queue)
+        for bid, b in pool.free_queue.items():
+            assert pool.blocks[bid] is b
+        assert kv.num_free_blocks == sum(1 for b in pool.blocks if b.ref_cnt == 0)
+
+        # (3) a shared block sits at the same index and holds the same prefix in every holder: up to
+        # the block's end, or for a partly written block (only forks share those, until one of them
+        # writes and copies it) up to where every holder has computed.
+        for bid, hs in holders.items():
+            if len(hs) < 2:
+                continue
+            self.saw_shared_block = True
+            (rid0, i0) = hs[0]
+            end = (i0 + 1) * bs
+            upto = min([end] + [sched.requests[rid].num_computed_tokens for rid, _ in hs])
+            if upto < end:
+                assert all(i == len(kv.req_blocks[rid]) - 1 for rid, i in hs), "shared partial block not last"
+                assert pool.blocks[bid].block_hash is None
+                fam = {rid.split("#")[0] for rid, _ in hs}
+                assert len(fam) == 1 and all("#" in rid for rid, _ in hs), "partial block shared across requests"
+            prefix = sched.requests[rid0].all_token_ids[:upto]
+            assert len(prefix) == upto
+            for rid, i in hs[1:]:
+                assert i == i0, f"block {bid} at index {i0} in {rid0} but {i} in {rid}"
+                assert sched.requests[rid].all_token_ids[:upto] == prefix, f"block {bid} shared by different prefixes"
+
+        # (5) the prefix cache map is consistent both ways
+        for h, b in pool.cached.items():
+            assert b.block_hash == h
+        for b in pool.blocks:
+            if b.block_hash is not None:
+                assert pool.cached.get(b.block_hash) is b
+        if not cfg.caching:
+            assert pool.cached == {}
+        # A published block in a request's table carries that request's hash for that index.
+        for rid, blocks in kv.req_blocks.items():
+            req = sched.requests[rid]
+            for i, b in enumerate(blocks):
+                if b.block_hash is not None:
+                    assert i < len(req.block_hashes) and b.block_hash == req.block_hashes[i]
+        assert 0 <= kv.prefix_stats.hits <= kv.prefix_stats.queries
+
+    def check_final(self, specs: list[Spec]) -> None:
+        """After everything finished: the cache is empty and outputs are right."""
+        out = self.sched.schedule()  # flush the last finished ids
+        assert out.is_empty and out.num_preempted == 0
+        assert out.finished_request_ids == self.unreported
+        kv, pool, sched = self.kv, self.kv.pool, self.sched
+        assert not sched.waiting and not sched.running and not sched.requests
+        assert kv.req_blocks == {} and kv.num_cached_blocks == {}
+        assert pool.num_free_blocks == pool.num_blocks == self.cfg.num_blocks
+        assert all(b.ref_cnt == 0 for b in pool.blocks)
+        assert sorted(pool.free_queue) == list(range(pool.num_blocks))
+        for spec in specs:
+            for sid in spec.seq_ids:
+                req = self.reqs.get(sid)
+                if req is None:
+                    continue
+                want, status = reference_output(spec.prompt, spec.max_tokens, spec.ignore_eos,
+                                                self.cfg.max_model_len, self.cfg.vocab, self.cfg.salt,
+                                                seq_index(sid))
+                if sid in self.aborted:
+                    assert req.status == RequestStatus.FINISHED_ABORTED
+                    assert req.output_token_ids == want[:len(req.output_token_ids)]
+                    assert len(req.output_token_ids) < len(want)
+                else:
+                    assert req.status == status, sid
+                    assert req.output_token_ids == want, sid
+        if self.cfg.caching:
+            pool_ok = pool.reset_prefix_cache()
+            assert pool_ok and pool.cached == {}
+
+
+def step_bound(cfg: Config, specs: list[Spec]) -> int:
+    """Steps within which everything must finish: the oldest running request is never preempted
+    (it always fits alone) and gets >= 1 token a step, and an empty running list always admits."""
+    last = max((s.arrival for s in specs), default=0)
+    return last + sum(s.n for s in specs) * cfg.max_model_len + 2
+
+
+def run_scenario(cfg: Config, specs: list[Spec]) -> Harness:
+    h = Harness(cfg)
+    bound = step_bound(cfg, specs)
+    arrivals = sorted(specs, key=lambda s: s.arrival)
+    aborts = sorted((s for s in specs if s.abort_at is not None), key=lambda s: s.abort_at)
+    ai = bi = 0
+    while True:
+        while ai < len(arrivals) and arrivals[ai].arrival <= h.steps:
+            h.add(arrivals[ai])
+            ai += 1
+        while bi < len(aborts) and aborts[bi].abort_at <= h.steps:
+            if aborts[bi].rid in h.specs:
+                h.abort(aborts[bi].rid)
+            bi += 1
+        if ai == len(arrivals) and h.sched.num_unfinished == 0:
+            break
+        assert h.steps < bound, f"no progress: {h.sched.num_unfinished} unfinished after {h.steps} steps"
+        h.step()
+    h.check_final(specs)
+    return h
+
+
+# -- strategies ---------------------------------------------------------------------------------
+
+MAX_LEN = 40
+
+
+@st.composite
+def configs(draw, chunked=None, caching=None) -> Config:
+    bs = draw(st.sampled_from([1, 2, 4, 16]))
+    mml = draw(st.integers(2, MAX_LEN))
+    # max_model_len never exceeds the cache; keep the cache tight so requests preempt each other.
+    min_nb = -(-mml // bs)
+    nb = draw(st.one_of(st.integers(min_nb, min_nb + 2), st.integers(min_nb, 3 * min_nb + 2)))
+    chunked = draw(st.booleans()) if chunked is None else chunked
+    if chunked:
+        mbt = draw(st.one_of(st.integers(1, 4), st.integers(1, 2 * mml)))
+    else:
+        # Without chunking a whole sequence (up to max_model_len - 1 tokens when recomputed after
+        # preemption) must fit the budget; like vLLM, SchedulerConfig demands >= max_model_len.
+        mbt = draw(st.integers(mml, mml + 8))
+    return Config(block_size=bs, num_blocks=nb, max_model_len=mml,
+                  max_num_seqs=draw(st.integers(1, 6)), max_num_batched_tokens=mbt, chunked=chunked,
+                  caching=draw(st.booleans()) if caching is None else caching,
+                  vocab=draw(st.integers(2, 10)), salt=draw(st.integers(0, 1000)))
+
+
+@st.composite
+def workloads(draw, cfg: Config, aborts: bool = True, max_requests: int = 8, forks: bool = False) -> list[Spec]:
+    mml = cfg.max_model_len
+    tok = st.integers(0, cfg.vocab - 1)
+    # A small pool of prefixes: most prompts start with one of them, so prefix caching hits.
+    pool = draw(st.lists(st.lists(tok, min_size=mml, max_size=mml), min_size=1, max_size=2))
+    n = draw(st.integers(1, max_requests))
+    specs = []
+    for i in range(n):
+        plen = draw(st.integers(1, mml - 1))
+        shared = draw(st.one_of(st.just(plen), st.integers(0, plen)))
+        base = draw(st.sampled_from(pool))
+        prompt = base[:shared] + draw(st.lists(tok, min_size=plen - shared, max_size=plen - shared))
+        specs.append(Spec(
+            rid=f"r{i}", prompt=prompt,
+            max_tokens=draw(st.one_of(st.just(mml), st.integers(1, mml))),
+            ignore_eos=draw(st.sampled_from([True, True, False])),
+            arrival=draw(st.one_of(st.just(0), st.integers(0, 12))),
+            abort_at=draw(st.one_of(st.none(), st.integers(0, 40))) if aborts else None,
+            n=draw(st.sampled_from([1, 1, 1, 2, 3])) if forks else 1))
+    for sp in specs:
+        sp.n = min(sp.n, cfg.max_num_seqs)
+    return specs
+
+
+@st.composite
+def scenarios(draw, aborts: bool = True, chunked=None, caching=None, forks: bool = False):
+    cfg = draw(configs(chunked=chunked, caching=caching))
+    return cfg, draw(workloads(cfg, aborts=aborts, forks=forks))
+
+
+def _events(h: Harness) -> None:
+    event(f"preempted={h.saw_preemption}")
+    event(f"prefix_hit={h.saw_prefix_hit}")
+    event(f"shared_block={h.saw_shared_block}")
+    event(f"aborted={bool(h.aborted)}")
+    event(f"forked={h.saw_fork}")
+    event(f"copy_on_write={h.saw_copy}")
+
+
+# -- property tests -----------------------------------------------------------------------------
+
+@settings(max_examples=250, deadline=None)
+@given(scenarios())
+def test_random_workloads_keep_invariants(scenario):
+    cfg, specs = scenario
+    h = run_scenario(cfg, specs)
+    _events(h)
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenarios(aborts=False, chunked=True, caching=True))
+def test_random_workloads_no_aborts_chunked_cached(scenario):
+    cfg, specs = scenario
+    h = run_scenario(cfg, specs)
+    for s in specs:
+        for sid in s.seq_ids:
+            assert h.reqs[sid].status.finished and sid not in h.aborted
+    _events(h)
+
+
+@settings(max_examples=60, deadline=None)
+@given(scenarios(aborts=False, chunked=False))
+def test_random_workloads_no_chunked_prefill(scenario):
+    cfg, specs = scenario
+    run_scenario(cfg, specs)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_output_independent_of_cache_size(data):
+    """Same tokens with a cache so small it preempts as with one that never does."""
+    cfg = data.draw(configs(), label="cfg")
+    specs = data.draw(workloads(cfg, aborts=False), label="specs")
+    small = run_scenario(cfg, specs)
+    # Room for every request's whole sequence at once: nothing is ever preempted or evicted.
+    big_cfg = Config(**{**cfg.__dict__,
+                        "num_blocks": sum(s.n for s in specs) * -(-cfg.max_model_len // cfg.block_size),
+                        "max_num_batched_tokens": 10_000, "max_num_seqs": 64})
+    big = run_scenario(big_cfg, specs)
+    assert big.sched.num_preemptions == 0
+    for s in specs:
+        for sid in s.seq_ids:
+            assert small.reqs[sid].output_token_ids == big.reqs[sid].output_token_ids
+            assert small.reqs[sid].status == big.reqs[sid].status
+    event(f"preempted={small.saw_preemption}")
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios(forks=True))
+def test_random_workloads_with_forks(scenario):
+    """n > 1 requests: forks share the parent's prompt blocks, copy a shared partial block before
+    writing into it, and each sequence still produces exactly its own tokens."""
+    cfg, specs = scenario
+    h = run_scenario(cfg, specs)
+    _events(h)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_forks_output_independent_of_cache_size(data):
+    cfg = data.draw(configs(), label="cfg")
+    specs = data.draw(workloads(cfg, aborts=False, forks=True), label="specs")
+    small = run_scenario(cfg, specs)
+    big_cfg = Config(**{**cfg.__dict__,
+                        "num_blocks": sum(s.n for s in specs) * -(-cfg.max_model_len // cfg.block_size),
+                        "max_num_batched_tokens": 10_000, "max_num_seqs": 64})
+    big = run_scenario(big_cfg, specs)
+    for s in specs:
+        for sid in s.seq_ids:
+            assert small.reqs[sid].output_token_ids == big.reqs[sid].output_token_ids
+
+
+# -- deterministic scenarios that must exercise preemption and prefix hits ----------------------
+
+def _cfg(**kw) -> Config:
+    base = dict(block_size=2, num_blocks=8, max_model_len=16, max_num_seqs=4, max_num_batched_tokens=64,
+                chunked=True, caching=True, vocab=7, salt=3)
+    base.update(kw)
+    return Config(**base)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("caching", [True, False])
+def test_preempted_requests_resume_with_same_tokens(chunked, caching):
+    """Four requests that each need most of the cache: they must preempt each other, and
+    recomputing after preemption must give exactly the tokens of an uncontended run."""
+    cfg = _cfg(num_blocks=8, max_model_len=16, chunked=chunked, caching=caching,
+               max_num_batched_tokens=64 if chunked else 16)
+    specs = [Spec(f"r{i}", [1 + i, 2, 3, 4, 5, 6][: 3 + i], max_tokens=16, ignore_eos=True) for i in range(4)]
+    small = run_scenario(cfg, specs)
+    assert small.sched.num_preemptions > 0
+    assert any(r.num_preemptions > 0 for r in small.reqs.values())
+    big = run_scenario(_cfg(num_blocks=200, chunked=chunked, caching=caching), specs)
+    assert big.sched.num_preemptions == 0
+    for s in specs:
+        assert len(small.reqs[s.rid].output_token_ids) == 16 - len(s.prompt)
+        assert small.reqs[s.rid].output_token_ids == big.reqs[s.rid].output_token_ids
+        assert small.reqs[s.rid].status == RequestStatus.FINISHED_LENGTH
+
+
+def test_preemption_recompute_uses_prefix_cache():
+    """A preempted request finds its own earlier blocks (prompt and output) in the prefix cache."""
+    cfg = _cfg(block_size=2, num_blocks=6, max_model_len=12, max_num_seqs=2)
+    h = Harness(cfg)
+    specs = [Spec("a", [1, 2, 3, 4], max_tokens=4, ignore_eos=True),
+             Spec("b", [5, 6, 1, 2], max_tokens=4, ignore_eos=True)]
+    a, b = h.add(specs[0]), h.add(specs[1])
+    while not h.saw_preemption:
+        h.step()
+    # Both grew to 3 blocks; a's 4th block had to come from b, the most recently admitted.
+    assert b.status == RequestStatus.PREEMPTED and b.num_preemptions == 1 and h.sched.num_preemptions == 1
+    assert a.status.finished
+    assert h.sched.waiting[0] is b and b.num_tokens == 7
+    stats = (h.kv.prefix_stats.queries, h.kv.prefix_stats.hits)
+    h.step()
+    # Readmitted with its first two blocks (prompt) from the cache; b's third block was evicted
+    # for a, so the two output tokens and the last token are recomputed.
+    assert (h.kv.prefix_stats.queries - stats[0], h.kv.prefix_stats.hits - stats[1]) == (7, 4)
+    assert b.num_cached_tokens == 0  # first admission's figure is kept
+    while h.sched.num_unfinished:
+        h.step()
+    h.check_final(specs)
+
+
+def test_shared_prefix_is_shared_and_hit_counted():
+    cfg = _cfg(block_size=4, num_blocks=16, max_model_len=32)
+    h = Harness(cfg)
+    prefix = [1, 2, 3, 4, 5, 6, 7, 8]
+    a = h.add(Spec("a", prefix + [9], max_tokens=3, ignore_eos=True))
+    h.step()
+    b = h.add(Spec("b", prefix + [6, 6], max_tokens=3, ignore_eos=True))
+    h.step()
+    assert b.num_cached_tokens == 8
+    assert h.kv.block_ids("a")[:2] == h.kv.block_ids("b")[:2]
+    assert h.kv.block_ids("a")[2] != h.kv.block_ids("b")[2]
+    # Same tokens as the second block of `prefix`, after a different first block: no hit.
+    c = h.add(Spec("c", [4, 4, 4, 4, 5, 6, 7, 8, 9], max_tokens=3, ignore_eos=True))
+    h.step()
+    assert c.num_cached_tokens == 0
+    assert not set(h.kv.block_ids("c")) & set(h.kv.block_ids("a"))
+    while h.sched.num_unfinished:
+        h.step()
+    assert (h.kv.prefix_stats.queries, h.kv.prefix_stats.hits) == (9 + 10 + 9, 8)
+
+
+def test_same_step_admission_shares_blocks_being_written():
+    """Two identical prompts admitted in one step: the second hits the first one's blocks,
+    which the runner writes in that same step before attention reads them."""
+    cfg = _cfg(block_size=2, num_blocks=16, max_model_len=16)
+    h = Harness(cfg)
+    a = h.add(Spec("a", [1, 2, 3, 4, 5], max_tokens=2, ignore_eos=True))
+    b = h.add(Spec("b", [1, 2, 3, 4, 5], max_tokens=2, ignore_eos=True))
+    h.step()
+    assert b.num_cached_tokens == 4
+    assert h.kv.block_ids("a")[:2] == h.kv.block_ids("b")[:2]
+    while h.sched.num_unfinished:
+        h.step()
+    assert a.output_token_ids == b.output_token_ids
+
+
+def test_fully_cached_prompt_computes_one_token():
+    cfg = _cfg(block_size=2, num_blocks=16, max_model_len=16)
+    h = Harness(cfg)
+    h.add(Spec("a", [1, 2, 3, 4], max_tokens=1, ignore_eos=True))
+    while h.sched.num_unfinished:
+        h.step()
+    b = h.add(Spec("b", [1, 2, 3, 4], max_tokens=1, ignore_eos=True))
+    out = h.sched.schedule()
+    h.steps += 1
+    h.unreported = set()
+    (s,) = out.scheduled
+    assert s.request is b and s.num_computed_tokens == 2 and s.num_new_tokens == 2
+    assert s.completes_sequence
+
+
+def test_chunked_prefill_splits_by_budget():
+    cfg = _cfg(block_size=4, num_blocks=16, max_model_len=32, max_num_batched_tokens=5)
+    h = Harness(cfg)
+    h.add(Spec("a", list(range(1, 13)), max_tokens=2, ignore_eos=True))
+    h.add(Spec("b", [7, 7, 7], max_tokens=2, ignore_eos=True))
+    seen = []
+    while h.sched.num_unfinished:
+        before = {rid: r.num_computed_tokens for rid, r in h.reqs.items()}
+        h.step()
+        seen.append({rid: h.reqs[rid].num_computed_tokens - before[rid] for rid in before})
+    # a's 12-token prompt goes in chunks of 5, 5, then 2 with b's first 3 alongside.
+    assert seen[0] == {"a": 5, "b": 0}
+    assert seen[1] == {"a": 5, "b": 0}
+    assert seen[2] == {"a": 2, "b": 3}
+
+
+def test_chunked_prefill_off_waits_for_whole_prompt_budget():
+    cfg = _cfg(block_size=4, num_blocks=16, max_model_len=15, max_num_batched_tokens=15, chunked=False,
+               max_num_seqs=4)
+    h = Harness(cfg)
+    h.add(Spec("a", list(range(1, 11)), max_tokens=3, ignore_eos=True))
+    h.add(Spec("b", list(range(21, 27)), max_tokens=3, ignore_eos=True))
+    h.step()
+    # 10 + 6 > 15: b waits (not split) even though 5 tokens of budget are left.
+    assert h.reqs["b"].status == RequestStatus.WAITING
+    h.step()
+    assert h.reqs["b"].status == RequestStatus.RUNNING
+
+
+def test_eos_stops_unless_ignored():
+    cfg = _cfg(vocab=2)  # tokens 0/1: EOS comes quickly
+    specs = [Spec(f"r{i}", [1, 1, i % 2], max_tokens=12, ignore_eos=bool(i % 2)) for i in range(6)]
+    h = run_scenario(cfg, specs)
+    stopped = [s.rid for s in specs if h.reqs[s.rid].status == RequestStatus.FINISHED_STOPPED]
+    assert stopped and all(not s.ignore_eos for s in specs if s.rid in stopped)
+    for s in specs:
+        if s.ignore_eos:
+            assert h.reqs[s.rid].status == RequestStatus.FINISHED_LENGTH
+            assert len(h.reqs[s.rid].output_token_ids) == min(12, cfg.max_model_len - 3)
+
+
+def test_max_model_len_caps_generation():
+    cfg = _cfg(max_model_len=10)
+    h = run_scenario(cfg, [Spec("a", [1, 2, 3, 4, 5, 6], max_tokens=100, ignore_eos=True)])
+    assert h.reqs["a"].num_tokens == 10 and h.reqs["a"].status == RequestStatus.FINISHED_LENGTH
+
+
+def test_abort_waiting_running_and_finished():
+    cfg = _cfg(max_num_seqs=1)
+    h = Harness(cfg)
+    a = h.add(Spec("a", [1, 2, 3], max_tokens=4, ignore_eos=True))
+    b = h.add(Spec("b", [4, 5, 6], max_tokens=4, ignore_eos=True))
+    h.step()
+    assert a.status == RequestStatus.RUNNING and b.status == RequestStatus.WAITING
+    h.abort("b")                     # waiting
+    h.abort("a")                     # running
+    h.abort("a")                     # already gone: no-op
+    h.abort("nope")                  # unknown: no-op
+    assert h.kv.num_free_blocks == cfg.num_blocks
+    h.check_final([])
+    assert a.status == b.status == RequestStatus.FINISHED_ABORTED
+
+
+def test_abort_preempted_request():
+    cfg = _cfg(block_size=2, num_blocks=6, max_model_len=12, max_num_seqs=2)
+    h = Harness(cfg)
+    h.add(Spec("a", [1, 2, 3, 4], max_tokens=8, ignore_eos=True))
+    b = h.add(Spec("b", [5, 6, 1, 2], max_tokens=8, ignore_eos=True))
+    while b.status != RequestStatus.PREEMPTED:
+        h.step()
+    h.abort("b")
+    while h.sched.num_unfinished:
+        h.step()
+    h.check_final([Spec("a", [1, 2, 3, 4], 8, True)])
+
+
+# -- known problems found by these tests ---------------------------------------------------------
+
+def _seqs(rid: str, prompt: list[int], n: int = 1, max_tokens: int = 4, **params) -> Request:
+    """The first sequence of a request, with n - 1 pending forks (as LLMEngine.add_request builds it)."""
+    p = SamplingParams(n=n, max_tokens=max_tokens, ignore_eos=True, **params)
+    seqs = [Request(request_id=f"{rid}#{i}" if n > 1 else rid, prompt_token_ids=list(prompt),
+                    sampling_params=p.for_sample(i), max_tokens=max_tokens, eos_token_ids=frozenset({EOS}))
+            for i in range(n)]
+    seqs[0].pending_forks = seqs[1:]
+    return seqs[0]
+
+
+def _fake_step(sched: Scheduler):
+    out = sched.schedule()
+    sampled = {r.request_id: 7 for s in out.scheduled for r in s.sampled_requests}
+    sched.update_from_output(out, sampled)
+    return out
+
+
+def test_max_num_seqs_counts_pending_forks_of_running_requests():
+    """A running n > 1 request that has not forked yet still needs seats for its forks: admitting
+    another request into them puts max_num_seqs + 1 sequences in the running batch once it forks."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=32),
+                      KVCacheManager(16, 4))
+    sched.add_request(_seqs("a", [1, 2, 3], n=2))
+    sched.add_request(_seqs("b", [4, 5, 6]))
+    for _ in range(10):
+        _fake_step(sched)
+        assert len(sched.running) <= 2, [r.request_id for r in sched.running]
+
+
+def test_request_with_more_sequences_than_max_num_seqs_does_not_hang():
+    """n (or best_of) > max_num_seqs: the request can never get 1 + n - 1 seats, so it waits forever
+    at the head of the queue and blocks everything behind it. It must either be refused when
+    added or still make progress."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=32),
+                      KVCacheManager(16, 4))
+    try:
+        sched.add_request(_seqs("a", [1, 2, 3], n=3))
+    except ValueError:
+        return  # refused up front: fine
+    sched.add_request(_seqs("b", [4, 5]))
+    for _ in range(100):
+        if not sched.num_unfinished:
+            break
+        _fake_step(sched)
+    assert sched.num_unfinished == 0, f"stuck: {[r.request_id for r in sched.waiting]} never admitted"
+
+
+def test_chunked_prefill_off_with_budget_below_max_model_len_does_not_hang():
+    """With chunked prefill off a waiting request must be scheduled whole. If max_num_batched_tokens
+    < max_model_len (EngineConfig allows it), a request preempted after generating enough tokens
+    (or a long prompt) exceeds the budget and is never scheduled again. Such a config must be
+    refused (vLLM refuses it) or the request must still make progress."""
+    try:
+        sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=6, max_model_len=16,
+                                          enable_chunked_prefill=False),
+                          KVCacheManager(4, 4, enable_caching=False))
+    except ValueError:
+        return
+    sched.add_request(_seqs("b", [6], max_tokens=15))
+    sched.add_request(_seqs("a", [1, 2, 3, 4, 5], max_tokens=11))
+    for _ in range(200):
+        if not sched.num_unfinished:
+            break
+        _fake_step(sched)
+    assert sched.num_preemptions >= 1
+    assert sched.num_unfinished == 0, [(r.request_id, r.num_tokens, r.status.name) for r in sched.waiting]
+
+
+def test_prompt_logprob_rows_not_repeated_after_preemption():
+    """Prompt logprobs are emitted for each prompt position as its chunk is computed. A preempted
+    request recomputes its prompt, and the rows come again; OutputProcessor extends its list with
+    them, so the request ends with more prompt logprobs than prompt tokens and reports None."""
+    import torch
+
+    from freight.worker.input_batch import build_model_input
+
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=12),
+                      KVCacheManager(6, 2))
+    sched.add_request(_seqs("a", [1, 2, 3, 4], max_tokens=8))
+    b = _seqs("b", [5, 6, 7, 8], max_tokens=8, prompt_logprobs=1)
+    sched.add_request(b)
+    positions = []
+    while sched.num_unfinished:
+        out = sched.schedule()
+        inp = build_model_input(out, 2, torch.device("cpu"))
+        for pr in inp.prompt_rows:
+            if pr.request is b:
+                positions.extend(range(pr.first_position, pr.first_position + pr.count))
+        sched.update_from_output(out, {r.request_id: 9 for s in out.scheduled for r in s.sampled_requests})
+    assert b.num_preemptions >= 1
+    assert positions == [0, 1, 2], "each prompt position's logprobs must be produced exactly once"
+
+
+# -- a rule-based state machine: interleaved adds, aborts, steps and prefix-cache resets --------
+
+class SchedulerMachine(RuleBasedStateMachine):
+    max_n = 1  # sequences per request
+
+    def __init__(self):
+        super().__init__()
+        self.h: Optional[Harness] = None
+        self.specs: list[Spec] = []
+
+    @initialize(cfg=configs())
+    def setup(self, cfg):
+        self.h = Harness(cfg)
+
+    @precondition(lambda self: self.h is not None and len(self.specs) < 10)
+    @rule(data=st.data())
+    def add_request(self, data):
+        cfg = self.h.cfg
+        mml = cfg.max_model_len
+        tok = st.integers(0, cfg.vocab - 1)
+        plen = data.draw(st.integers(1, mml - 1))
+        if self.specs and data.draw(st.booleans()):
+            # share a prefix with an earlier request (its prompt plus whatever it generated)
+            other = self.h.reqs[data.draw(st.sampled_from(self.specs)).seq_ids[0]]
+            base = other.all_token_ids[:plen]
+        else:
+            base = []
+        prompt = base + data.draw(st.lists(tok, min_size=plen - len(base), max_size=plen - len(base)))
+        spec = Spec(f"r{len(self.specs)}", prompt, data.draw(st.integers(1, mml)), data.draw(st.booleans()),
+                    arrival=self.h.steps, n=data.draw(st.integers(1, min(self.max_n, cfg.max_num_seqs))))
+        self.specs.append(spec)
+        self.failed = True
+        self.h.add(spec)
+        self.failed = False
+
+    @precondition(lambda self: self.h is not None and self.specs)
+    @rule(data=st.data())
+    def abort(self, data):
+        self.failed = True
+        self.h.abort(data.draw(st.sampled_from(self.specs)).rid)
+        self.failed = False
+
+    @precondition(lambda self: self.h is not None)
+    @rule(n=st.integers(1, 6))
+    def step(self, n):
+        self.failed = True
+        for _ in range(n):
+            self.h.step()
+        self.failed = False
+
+    @precondition(lambda self: self.h is not None)
+    @rule()
+    def reset_prefix_cache(self):
+        pool = self.h.kv.pool
+        in_use = any(b.ref_cnt > 0 for b in pool.cached.values())
+        self.failed = True
+        assert self.h.kv.reset_prefix_cache() is (not in_use)
+        if not in_use:
+            assert pool.cached == {} and all(b.block_hash is None for b in pool.blocks)
+        self.failed = False
+
+    @invariant()
+    def consistent(self):
+        if self.h is not None:
+            self.failed = True  # cleared only if the whole check passes
+            self.h.check()
+            self.failed = False
+
+    def teardown(self):
+        h = self.h
+        if h is None or getattr(self, "failed", False):
+            return  # a rule or invariant already failed: don't pile a second error on it
+        bound = h.steps + sum(s.n for s in self.specs) * h.cfg.max_model_len + 2
+        while h.sched.num_unfinished:
+            assert h.steps < bound, "no progress"
+            h.step()
+        h.check_final(self.specs)
+
+
+class ForkingSchedulerMachine(SchedulerMachine):
+    max_n = 3
+
+
+def test_scheduler_state_machine():
+    run_state_machine_as_test(SchedulerMachine,
+                              settings=settings(max_examples=60, stateful_step_count=30, deadline=None))
+
+
+def test_scheduler_state_machine_with_forks():
+    run_state_machine_as_test(ForkingSchedulerMachine,
+                              settings=settings(max_examples=60, stateful_step_count=30, deadline=None))
