@@ -1,10 +1,15 @@
 """Paged attention over a block-organised KV cache, in plain PyTorch.
 
-Each step's flat batch holds the decode tokens first (one per sequence, attended
-in one batched call over their gathered blocks) and then the prefill chunks (one
-call per sequence; a chunk with no earlier context attends only to itself and
-never touches the cache's read path). New K/V are written in place through the
-slot mapping before attention reads them.
+Cache layout, per layer, for K and for V: [num_kv_heads, num_blocks, block_size, head_dim].
+Keeping the head dimension outermost means that gathering a batch's blocks with one
+index_select gives a contiguous [kv_heads, batch, seq, head_dim] tensor that batched
+matmuls read directly: no per-layer transposes or GQA head expansion.
+
+Each step's flat batch holds the decode tokens first (one per sequence, attended in
+one batched call over their gathered blocks) and then the prefill chunks (one call
+per sequence; a chunk with no earlier context attends only to itself and never
+touches the cache's read path). New K/V are written in place through the slot
+mapping before attention reads them.
 """
 
 from __future__ import annotations
@@ -38,18 +43,28 @@ class AttentionMetadata:
     decode_block_tables: Optional[torch.Tensor]  # [num_decodes, max_blocks]
     decode_seq_lens: Optional[torch.Tensor]     # [num_decodes]
     prefills: list[PrefillChunk]
-    _masks: dict = field(default_factory=dict)  # (kind, window) -> mask, shared across layers
+    _cache: dict = field(default_factory=dict)  # masks and gather buffers, shared across layers
 
-    def decode_mask(self, window: Optional[int], block_size: int) -> torch.Tensor:
+    def decode_bias(self, window: Optional[int], block_size: int) -> torch.Tensor:
+        """[num_decodes, 1, max_blocks * block_size] float: 0 where a key is visible, -inf elsewhere."""
         key = ("decode", window)
-        if key not in self._masks:
+        if key not in self._cache:
             lens = self.decode_seq_lens
             kv_pos = torch.arange(self.decode_block_tables.shape[1] * block_size, device=lens.device)
-            mask = kv_pos[None, :] < lens[:, None]
+            visible = kv_pos[None, :] < lens[:, None]
             if window is not None:
-                mask &= kv_pos[None, :] > (lens[:, None] - 1 - window)
-            self._masks[key] = mask[:, None, None, :]
-        return self._masks[key]
+                visible &= kv_pos[None, :] > (lens[:, None] - 1 - window)
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=lens.device)
+            self._cache[key] = bias.masked_fill_(~visible, float("-inf"))[:, None, :]
+        return self._cache[key]
+
+    def decode_gather_buffers(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reused by every layer: allocating a fresh multi-MB tensor per layer costs page faults."""
+        if "gather" not in self._cache:
+            heads, _, block_size, dim = cache.shape
+            n = self.decode_block_tables.numel()
+            self._cache["gather"] = tuple(cache.new_empty(heads, n, block_size, dim) for _ in range(2))
+        return self._cache["gather"]
 
     def prefill_mask(self, i: int, window: Optional[int], device) -> Optional[torch.Tensor]:
         """None means plain causal attention over the chunk itself."""
@@ -57,14 +72,18 @@ class AttentionMetadata:
         if chunk.num_computed == 0 and window is None:
             return None
         key = ("prefill", i, window)
-        if key not in self._masks:
+        if key not in self._cache:
             q_pos = torch.arange(chunk.num_computed, chunk.seq_len, device=device)
             kv_pos = torch.arange(chunk.seq_len, device=device)
             mask = kv_pos[None, :] <= q_pos[:, None]
             if window is not None:
                 mask &= kv_pos[None, :] > (q_pos[:, None] - window)
-            self._masks[key] = mask
-        return self._masks[key]
+            self._cache[key] = mask
+        return self._cache[key]
+
+
+def kv_cache_shape(num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int) -> tuple[int, ...]:
+    return (num_kv_heads, num_blocks, block_size, head_dim)
 
 
 class PagedAttention(nn.Module):
@@ -74,20 +93,23 @@ class PagedAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.group = num_heads // num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
         self.gqa = num_heads != num_kv_heads
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: two [num_blocks, block_size, Hkv, D]."""
+        """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: two [Hkv, num_blocks, block_size, D]."""
         k_cache, v_cache = kv_cache
-        block_size = k_cache.shape[1]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        heads, _, block_size, dim = k_cache.shape
+        k_cache.view(heads, -1, dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.view(heads, -1, dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
-        out = torch.empty_like(q)
         nd = meta.num_decodes
+        if not meta.prefills:
+            return self._decode(q, k_cache, v_cache, meta, block_size)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, block_size)
         for i, chunk in enumerate(meta.prefills):
@@ -95,26 +117,37 @@ class PagedAttention(nn.Module):
         return out
 
     def _decode(self, q, k_cache, v_cache, meta, block_size):
+        """One query per sequence against its gathered blocks: two batched matmuls.
+
+        SDPA's CPU kernels are slow for a single query row; plain matmuls with the
+        softmax in float32 are several times faster here and work on any device.
+        """
         tables = meta.decode_block_tables
         b, nb = tables.shape
-        keys = k_cache[tables].view(b, nb * block_size, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = v_cache[tables].view(b, nb * block_size, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        mask = meta.decode_mask(self.sliding_window, block_size)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
-                                           scale=self.scale, enable_gqa=self.gqa)
-        return o.squeeze(2)
+        heads, dim = self.num_kv_heads, self.head_dim
+        k_buf, v_buf = meta.decode_gather_buffers(k_cache)
+        flat = tables.view(-1)
+        keys = torch.index_select(k_cache, 1, flat, out=k_buf).view(heads, b, nb * block_size, dim)
+        values = torch.index_select(v_cache, 1, flat, out=v_buf).view(heads, b, nb * block_size, dim)
+        qh = q.view(b, heads, self.group, dim).transpose(0, 1)                 # [Hkv, b, g, D]
+        scores = torch.matmul(qh, keys.transpose(-1, -2)).float()              # [Hkv, b, g, S]
+        scores = scores.mul_(self.scale).add_(meta.decode_bias(self.sliding_window, block_size))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        o = torch.matmul(probs, values)                                        # [Hkv, b, g, D]
+        return o.transpose(0, 1).reshape(b, self.num_heads, dim)
 
     def _prefill(self, q, k, v, k_cache, v_cache, meta, i, block_size):
         chunk = meta.prefills[i]
-        qs = q[chunk.start:chunk.end].transpose(0, 1)
+        # 4-D inputs: SDPA's fused CPU kernel takes them; 3-D ones fall back to the slow math path.
+        qs = q[chunk.start:chunk.end].transpose(0, 1)[None]
         if chunk.num_computed == 0:
-            keys = k[chunk.start:chunk.end].transpose(0, 1)
-            values = v[chunk.start:chunk.end].transpose(0, 1)
+            keys = k[chunk.start:chunk.end].transpose(0, 1)[None]
+            values = v[chunk.start:chunk.end].transpose(0, 1)[None]
         else:
-            n = chunk.seq_len
-            keys = k_cache[chunk.block_table].view(-1, self.num_kv_heads, self.head_dim)[:n].transpose(0, 1)
-            values = v_cache[chunk.block_table].view(-1, self.num_kv_heads, self.head_dim)[:n].transpose(0, 1)
+            n, heads, dim = chunk.seq_len, self.num_kv_heads, self.head_dim
+            keys = k_cache.index_select(1, chunk.block_table).view(heads, -1, dim)[None, :, :n]
+            values = v_cache.index_select(1, chunk.block_table).view(heads, -1, dim)[None, :, :n]
         mask = meta.prefill_mask(i, self.sliding_window, q.device)
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=mask is None,
                                            scale=self.scale, enable_gqa=self.gqa)
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from freight.core.scheduler import SchedulerOutput
+from freight.layers.attention import kv_cache_shape
 from freight.model_config import ModelConfig
 from freight.worker.input_batch import ModelInput, build_model_input
 from freight.worker.sampler import Sampler
@@ -54,7 +55,7 @@ class ModelRunner:
         self.cfg = cfg
         self.device = device
         self.block_size = block_size
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = kv_cache_shape(cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
         # Allocated empty (start-up stays fast, pages are touched only when used) and zeroed a
         # range at a time on first use: attention reads whole blocks and masks the unused
         # slots, but a masked NaN from uninitialised memory would still poison the sum.
@@ -78,18 +79,18 @@ class ModelRunner:
         if max_block_id < self._zeroed_blocks:
             return
         # Zero ahead in chunks so a growing cache is not zeroed one block per step.
-        end = min(max(max_block_id + 1, 2 * self._zeroed_blocks, 256), self.kv_caches[0][0].shape[0])
+        end = min(max(max_block_id + 1, 2 * self._zeroed_blocks, 256), self.kv_caches[0][0].shape[1])
         for k, v in self.kv_caches:
-            k[self._zeroed_blocks:end].zero_()
-            v[self._zeroed_blocks:end].zero_()
+            k[:, self._zeroed_blocks:end].zero_()
+            v[:, self._zeroed_blocks:end].zero_()
         self._zeroed_blocks = end
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([c[0] for c in copies], device=self.device)
         dst = torch.tensor([c[1] for c in copies], device=self.device)
         for k, v in self.kv_caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
+            k[:, dst] = k[:, src]
+            v[:, dst] = v[:, src]
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
