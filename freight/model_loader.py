@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from freight.layers.linear import pack_linear_weights
 from freight.layers.rotary import RotaryEmbedding
 from freight.model_config import ModelConfig
 from freight.models.registry import resolve_model_class
@@ -121,6 +122,8 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
         if isinstance(m, RotaryEmbedding):
             m.build_cache(device)
     _load_weights(model, model_dir)
+    if device.type == "cpu" and os.environ.get("FREIGHT_DISABLE_WEIGHT_PACKING") != "1":
+        pack_linear_weights(model)
     return model.eval()
 
 

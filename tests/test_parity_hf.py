@@ -173,6 +173,22 @@ def test_stories_greedy_text_prompts(make_llm, stories_dir, stories_tok):
         assert o.outputs[0].text == continuation_text(stories_tok, o.prompt_token_ids, o.outputs[0].token_ids)
 
 
+@pytest.mark.parametrize("variant", ["llama_gqa", "mistral_swa"])
+def test_portable_attention_paths_match_hf(make_llm, random_model, monkeypatch, variant):
+    """The paths CUDA (and a CPU without a C compiler) runs: gathered-block decode attention and
+    unpacked weights. Same greedy tokens as transformers."""
+    import freight.layers.attention as attention
+
+    monkeypatch.setattr(attention, "paged_decode_available", lambda q: False)
+    monkeypatch.setenv("FREIGHT_DISABLE_WEIGHT_PACKING", "1")
+    path = random_model(variant)
+    llm = make_llm(path)
+    assert not any(getattr(m, "_packed", None) is not None for m in llm.llm_engine.runner.model.modules())
+    prompts = [[(7 * i + j) % 50 + 3 for j in range(n)] for i, n in enumerate([3, 17, 40])]
+    outs = generate(llm, [{"prompt_token_ids": p} for p in prompts], greedy(24))
+    check_outputs(path, prompts, outs, 24, f"{variant} portable paths")
+
+
 def test_prompt_forms_equivalent(make_llm, stories_dir, stories_tok):
     """str, list[int] and {"prompt_token_ids": ...} prompts give the same result; one or a list of params."""
     llm = make_llm(stories_dir)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freight.kernels import paged_decode_attention, paged_decode_available
+
 
 @dataclass
 class PrefillChunk:
@@ -117,11 +119,18 @@ class PagedAttention(nn.Module):
         return out
 
     def _decode(self, q, k_cache, v_cache, meta, block_size):
-        """One query per sequence against its gathered blocks: two batched matmuls.
+        """One query per sequence against its blocks.
 
-        SDPA's CPU kernels are slow for a single query row; plain matmuls with the
-        softmax in float32 are several times faster here and work on any device.
+        On CPU the native kernel reads the blocks in place. Elsewhere (CUDA, or no C
+        compiler) the blocks are gathered and attended with two batched matmuls.
         """
+        if paged_decode_available(q):
+            return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                                          self.scale, self.sliding_window)
+        return self._decode_gathered(q, k_cache, v_cache, meta, block_size)
+
+    def _decode_gathered(self, q, k_cache, v_cache, meta, block_size):
+        """Softmax in float32; SDPA's CPU kernels are slow for a single query row."""
         tables = meta.decode_block_tables
         b, nb = tables.shape
         heads, dim = self.num_kv_heads, self.head_dim
