@@ -71,3 +71,62 @@ def test_native_kernel_reads_strided_query_rows():
     assert not strided.is_contiguous()
     torch.testing.assert_close(paged_decode_attention(strided, kc, vc, tables, lens, 0.125, None),
                                paged_decode_attention(q, kc, vc, tables, lens, 0.125, None))
+
+
+# -- fused elementwise kernels against the PyTorch ops they replace -------------------------------
+
+from freight.kernels import rms_norm, rotary_inplace, silu_and_mul  # noqa: E402
+from freight.layers.norm import RMSNorm  # noqa: E402
+from freight.layers.rotary import RotaryEmbedding, _rotate_half  # noqa: E402
+
+# bf16: the kernels round where PyTorch rounds, so results agree to the last bit except where
+# a float32 intermediate differs in its last ulp (summation order, vectorised exp) and lands on
+# a bf16 rounding boundary: allow one bf16 ulp there.
+TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.bfloat16: dict(atol=0, rtol=2 ** -7)}
+
+
+def _need(ok):
+    if not ok:
+        pytest.skip("no C compiler: the native elementwise kernels are not built here")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_with_and_without_residual(dtype):
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(96, eps=1e-5)
+    norm.weight.data = torch.randn(96, generator=g).to(dtype)
+    x, res = (torch.randn(7, 96, generator=g).to(dtype) * 3 for _ in range(2))
+    out = rms_norm(x, norm.weight, norm.eps, None)
+    _need(out is not None)
+    torch.testing.assert_close(out, norm._norm(x), **TOL[dtype])
+    want_sum = x + res
+    res_inout = res.clone()
+    out = rms_norm(x, norm.weight, norm.eps, res_inout)
+    torch.testing.assert_close(res_inout, want_sum, atol=0, rtol=0)
+    torch.testing.assert_close(out, norm._norm(want_sum), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_kernel_in_place_on_strided_rows(dtype):
+    g = torch.Generator().manual_seed(2)
+    rope = RotaryEmbedding(64, 512, 10000.0, None)
+    qkv = torch.randn(5, 7 * 64, generator=g).to(dtype)
+    positions = torch.tensor([0, 3, 100, 511, 7])
+    x = qkv[:, :5 * 64].view(5, 5, 64)  # strided rows, like q and k inside the fused QKV output
+    cos = rope.cos_cache[positions].to(dtype)[:, None]
+    sin = rope.sin_cache[positions].to(dtype)[:, None]
+    want = x * cos + _rotate_half(x) * sin
+    tail = qkv[:, 5 * 64:].clone()
+    _need(rotary_inplace(x, positions, rope.cos_cache, rope.sin_cache))
+    torch.testing.assert_close(x, want, **TOL[dtype])
+    assert torch.equal(qkv[:, 5 * 64:], tail), "columns outside the rotated heads must not change"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_kernel(dtype):
+    g = torch.Generator().manual_seed(3)
+    gate_up = (torch.randn(6, 2 * 80, generator=g) * 4).to(dtype)
+    out = silu_and_mul(gate_up)
+    _need(out is not None)
+    gate, up = gate_up.split(80, dim=-1)
+    torch.testing.assert_close(out, F.silu(gate) * up, **TOL[dtype])

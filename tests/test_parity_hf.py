@@ -173,13 +173,19 @@ def test_stories_greedy_text_prompts(make_llm, stories_dir, stories_tok):
         assert o.outputs[0].text == continuation_text(stories_tok, o.prompt_token_ids, o.outputs[0].token_ids)
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "mistral_swa"])
+@pytest.mark.parametrize("variant", ["llama_gqa", "mistral_swa", "qwen3_qknorm"])
 def test_portable_attention_paths_match_hf(make_llm, random_model, monkeypatch, variant):
-    """The paths CUDA (and a CPU without a C compiler) runs: gathered-block decode attention and
-    unpacked weights. Same greedy tokens as transformers."""
+    """The paths CUDA (and a CPU without a C compiler) runs: gathered-block decode attention,
+    PyTorch norm/rotary/activation and unpacked weights. Same greedy tokens as transformers."""
     import freight.layers.attention as attention
+    import freight.layers.norm as norm
+    import freight.layers.rotary as rotary
+    import freight.models.llama as llama
 
     monkeypatch.setattr(attention, "paged_decode_available", lambda q: False)
+    monkeypatch.setattr(norm, "rms_norm", lambda *a: None)
+    monkeypatch.setattr(rotary, "rotary_inplace", lambda *a: False)
+    monkeypatch.setattr(llama, "silu_and_mul", lambda x: None)
     monkeypatch.setenv("FREIGHT_DISABLE_WEIGHT_PACKING", "1")
     path = random_model(variant)
     llm = make_llm(path)

@@ -24,7 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = Path(__file__).parent
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cpu_signature() -> str:
@@ -62,8 +62,12 @@ def load(name: str) -> Optional[ctypes.CDLL]:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_out = Path(tmp) / out.name
-            proc = subprocess.run([cc, *flags, str(src), "-o", str(tmp_out), "-lm"],
-                                  capture_output=True, text=True)
+            # libmvec (glibc's vector expf) when the C library has it; plain libm otherwise.
+            for libs in (["-lmvec", "-lm"], ["-lm"]):
+                proc = subprocess.run([cc, *flags, str(src), "-o", str(tmp_out), *libs],
+                                      capture_output=True, text=True)
+                if proc.returncode == 0:
+                    break
             if proc.returncode != 0:
                 logger.warning("could not build the %s kernel (using the PyTorch fallback):\n%s",
                                name, proc.stderr[-2000:])

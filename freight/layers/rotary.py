@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from freight.kernels import rotary_inplace
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -68,12 +70,23 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1).to(device or self.cos_cache.device)
         self.cos_cache, self.sin_cache = emb.cos(), emb.sin()
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token cos/sin, shaped [T, 1, head_dim] to broadcast over heads; computed once per step."""
-        return (self.cos_cache[positions].to(dtype).unsqueeze(1),
-                self.sin_cache[positions].to(dtype).unsqueeze(1))
+    def for_positions(self, positions: torch.Tensor, dtype: torch.dtype) -> "RotaryStep":
+        """The rotation for one step's tokens, shared by every layer."""
+        return RotaryStep(self, positions, dtype)
 
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]."""
+
+class RotaryStep:
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype):
+        self.rotary, self.positions, self.dtype = rotary, positions, dtype
+        self._tables: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim]; on CPU in place (x may be a view of the QKV output)."""
+        r = self.rotary
+        if rotary_inplace(x, self.positions, r.cos_cache, r.sin_cache):
+            return x
+        if self._tables is None:  # [T, 1, head_dim], broadcast over heads; gathered once per step
+            self._tables = (r.cos_cache[self.positions].to(self.dtype).unsqueeze(1),
+                            r.sin_cache[self.positions].to(self.dtype).unsqueeze(1))
+        cos, sin = self._tables
         return x * cos + _rotate_half(x) * sin

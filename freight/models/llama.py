@@ -17,7 +17,8 @@ from torch import nn
 from freight.layers.attention import AttentionMetadata, PagedAttention
 from freight.layers.linear import Linear
 from freight.layers.norm import RMSNorm
-from freight.layers.rotary import RotaryEmbedding
+from freight.kernels import silu_and_mul
+from freight.layers.rotary import RotaryEmbedding, RotaryStep
 from freight.model_config import ModelConfig
 
 
@@ -34,16 +35,17 @@ class Attention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    scale=self.head_dim ** -0.5, sliding_window=cfg.sliding_windows[layer_idx])
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = RotaryEmbedding.apply(q, cos, sin)
-        k = RotaryEmbedding.apply(k, cos, sin)
+    def forward(self, x, rope: RotaryStep, kv_cache, meta: AttentionMetadata):
+        t, h, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, hkv, d)
+        if self.q_norm is None:
+            # q and k side by side in the QKV output: one rotation (in place on CPU) for both.
+            qk = rope.apply(qkv[:, :self.q_size + self.kv_size].view(t, h + hkv, d))
+            q, k = qk[:, :h], qk[:, h:]
+        else:
+            q = rope.apply(self.q_norm(qkv[:, :self.q_size].view(t, h, d)))
+            k = rope.apply(self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(t, hkv, d)))
         o = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -58,8 +60,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        h = silu_and_mul(gate_up)
+        if h is None:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            h = F.silu(gate) * up
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):
@@ -70,9 +76,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual: Optional[torch.Tensor], rope: RotaryStep, kv_cache, meta):
+        """Returns (this layer's output, the residual stream before it); the next norm adds them."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rope, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -116,10 +128,11 @@ class LlamaForCausalLM(nn.Module):
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """Hidden states for the flat batch, logits only for the rows in logits_indices."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        rope = self.rotary.for_positions(positions, x.dtype)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv, meta)
-        x = self.norm(x[logits_indices])
+            x, residual = layer(x, residual, rope, kv, meta)
+        x, _ = self.norm(x[logits_indices], residual[logits_indices])
         return self.lm_head(x)
 
 
