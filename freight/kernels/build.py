@@ -55,6 +55,9 @@ def load(name: str) -> Optional[ctypes.CDLL]:
         logger.info("no C compiler found: using the PyTorch fallback for %s", name)
         return None
     src = _SOURCES / f"{name}.c"
+    if not src.exists():
+        logger.warning("kernel source %s is missing: using the PyTorch fallback", src)
+        return None
     flags = [*_FLAGS, f"-L{_torch_lib_dir()}", f"-Wl,-rpath,{_torch_lib_dir()}"]
     key = hashlib.sha256(src.read_bytes() + " ".join([cc, *flags]).encode() + _cpu_signature().encode())
     out = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
