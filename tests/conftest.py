@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-SHARED_DIR = REPO_ROOT.parent / "shared"
+# FREIGHT_SHARED_DIR points elsewhere (e.g. a copy carried to a GPU machine).
+SHARED_DIR = Path(os.environ.get("FREIGHT_SHARED_DIR") or REPO_ROOT.parent / "shared")
 
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
@@ -85,9 +86,10 @@ def _limit_threads() -> None:
 
 _limit_threads()
 
-# Defaults for engines under test: float32 on CPU so greedy output can be
-# compared token for token with transformers.
-LLM_DEFAULTS = dict(dtype="float32", device="cpu", block_size=16, kv_cache_memory="64MiB", seed=0)
+# Defaults for engines under test: float32 so greedy output can be compared token for
+# token with transformers; on the CPU unless FREIGHT_TEST_DEVICE names another (cuda).
+LLM_DEFAULTS = dict(dtype="float32", device=os.environ.get("FREIGHT_TEST_DEVICE", "cpu"), block_size=16,
+                    kv_cache_memory="64MiB", seed=0)
 
 
 @pytest.fixture
