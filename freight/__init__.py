@@ -1,6 +1,15 @@
 """freight: an LLM inference and serving engine with a paged KV cache and continuous batching."""
 
+import os
+
 __version__ = "0.1.0"
+
+# Back PyTorch's large CPU allocations (weights, KV cache) with transparent huge pages: decode
+# reads every weight and scattered KV blocks each step, and 4 KiB pages cost a TLB miss per
+# page (W1 on bench-135m: 13% faster; paged decode attention over a large cache: 3x). PyTorch
+# reads the variable once, at its first allocation, so it is set before torch is imported;
+# THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from freight.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from freight.sampling_params import SamplingParams  # noqa: E402

@@ -61,21 +61,25 @@ def load(name: str) -> Optional[ctypes.CDLL]:
     flags = [*_FLAGS, f"-L{_torch_lib_dir()}", f"-Wl,-rpath,{_torch_lib_dir()}"]
     key = hashlib.sha256(src.read_bytes() + " ".join([cc, *flags]).encode() + _cpu_signature().encode())
     out = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            tmp_out = Path(tmp) / out.name
-            # libmvec (glibc's vector expf) when the C library has it; plain libm otherwise.
-            for libs in (["-lmvec", "-lm"], ["-lm"]):
-                proc = subprocess.run([cc, *flags, str(src), "-o", str(tmp_out), *libs],
-                                      capture_output=True, text=True)
-                if proc.returncode == 0:
-                    break
-            if proc.returncode != 0:
-                logger.warning("could not build the %s kernel (using the PyTorch fallback):\n%s",
-                               name, proc.stderr[-2000:])
-                return None
-            os.replace(tmp_out, out)  # atomic: concurrent builders never see a partial file
+    try:
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                tmp_out = Path(tmp) / out.name
+                # libmvec (glibc's vector expf) when the C library has it; plain libm otherwise.
+                for libs in (["-lmvec", "-lm"], ["-lm"]):
+                    proc = subprocess.run([cc, *flags, str(src), "-o", str(tmp_out), *libs],
+                                          capture_output=True, text=True)
+                    if proc.returncode == 0:
+                        break
+                if proc.returncode != 0:
+                    logger.warning("could not build the %s kernel (using the PyTorch fallback):\n%s",
+                                   name, proc.stderr[-2000:])
+                    return None
+                os.replace(tmp_out, out)  # atomic: concurrent builders never see a partial file
+    except OSError as e:  # e.g. a read-only home directory: set FREIGHT_CACHE_DIR
+        logger.warning("could not build the %s kernel in %s (using the PyTorch fallback): %s", name, out.parent, e)
+        return None
     try:
         return ctypes.CDLL(str(out))
     except OSError as e:
