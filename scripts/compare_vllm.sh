@@ -17,6 +17,7 @@ for i in $(seq "$ROUNDS"); do
   freight --dataset-name w1; settle
   if [ "$i" = 1 ]; then vllm --workloads w1,w2; else vllm --workloads w1; fi; settle
 done
+[ "${SKIP_W2:-0}" = 1 ] && exit 0
 freight --dataset-name w2
 freight --dataset-name w2 --no-enable-prefix-caching
 vllm --workloads w2 --no-enable-prefix-caching

@@ -1,11 +1,13 @@
-"""Linear layers whose CPU weights are pre-packed for oneDNN.
+"""Linear layers whose CPU weights are pre-packed for oneDNN (and, in bf16, for freight's kernel).
 
 oneDNN reorders a weight into its blocked layout on every call unless it is packed
 once ahead of time; for the small row counts of decode steps that reorder costs as
 much as the multiply (packed: about 2x faster at 1-8 rows, 1.3x at 32, 1.1x at 2048
 on an AVX-512 CPU). Packing uses PyTorch's mkldnn ops (the ones its own compiler
 uses for frozen CPU models); if they are missing or disagree with F.linear, the
-layer stays a plain nn.Linear.
+layer stays a plain nn.Linear. In bf16 on CPUs with AVX512_BF16 the weight is also
+kept in kernels/gemm.c's layout for steps of a few rows (it costs a second copy of
+the weights: the price of fast low-concurrency decode).
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freight.kernels.gemm import pack_weight, small_gemm, small_gemm_supported
+
 logger = logging.getLogger(__name__)
 
 _BATCH_HINT = 128  # rows the packed layout is tuned for; measured to do well from 1 to 2048 rows
+# Up to this many rows, freight's own decode kernel (kernels/gemm.c) beats oneDNN: on bench-135m
+# shapes 1.8x at 1 row, 1.4x at 4, 1.2x at 8, about even from 20 rows on.
+SMALL_GEMM_MAX_ROWS = 16
 
 
 def _mkldnn_ops():
@@ -32,6 +39,7 @@ def _mkldnn_ops():
 
 class Linear(nn.Linear):
     _packed: Optional[torch.Tensor] = None
+    _small: Optional[torch.Tensor] = None  # the weight in gemm.c's layout (bf16 CPU only)
 
     def pack_for_cpu(self, release_original: bool) -> bool:
         """Pack the weight for oneDNN; release_original frees the unpacked copy (not for tied weights)."""
@@ -52,11 +60,17 @@ class Linear(nn.Linear):
             return False
         self._packed = packed
         self._linear = linear
+        if small_gemm_supported(w):
+            self._small = pack_weight(w.detach())
         if release_original:
             self.weight.data = torch.empty(0, dtype=w.dtype)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._small is not None and x.dim() == 2 and x.shape[0] <= SMALL_GEMM_MAX_ROWS:
+            y = small_gemm(x, self._small, self.out_features)
+            if y is not None:
+                return y if self.bias is None else y.add_(self.bias)
         if self._packed is not None:
             return self._linear(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

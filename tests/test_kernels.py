@@ -1,4 +1,5 @@
-"""Decode attention over the paged cache: the native CPU kernel and the gathered PyTorch
+"""Native CPU kernels against the PyTorch code they replace. Decode attention over the paged
+cache: the native CPU kernel and the gathered PyTorch
 path (used on CUDA and without a compiler) against plain SDPA on unpaged K/V."""
 
 import pytest
@@ -130,3 +131,38 @@ def test_silu_and_mul_kernel(dtype):
     _need(out is not None)
     gate, up = gate_up.split(80, dim=-1)
     torch.testing.assert_close(out, F.silu(gate) * up, **TOL[dtype])
+
+
+# -- the small-row bf16 matmul of decode steps -------------------------------------------------
+
+from freight.kernels.gemm import pack_weight, small_gemm, small_gemm_supported  # noqa: E402
+from freight.layers.linear import SMALL_GEMM_MAX_ROWS, Linear  # noqa: E402
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16])
+def test_small_gemm_matches_linear(rows):
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(48, 40, generator=g) * 0.1).to(torch.bfloat16)
+    if not small_gemm_supported(w):
+        pytest.skip("no AVX512_BF16 (or no C compiler): decode matmuls stay on oneDNN")
+    wide = torch.randn(rows, 50, generator=g).to(torch.bfloat16)
+    x = wide[:, :40]  # strided rows, as a slice of a larger activation
+    got = small_gemm(x, pack_weight(w), 48)
+    want = F.linear(x.float(), w.float())
+    # float32 sums in another order, one bf16 rounding of the output
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=2 ** -7)
+
+
+def test_linear_layer_uses_small_gemm_for_few_rows_only():
+    g = torch.Generator().manual_seed(5)
+    layer = Linear(64, 32, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, 64, generator=g) * 0.1)
+        layer.bias.copy_(torch.randn(32, generator=g))
+    ref_weight, ref_bias = layer.weight.detach().float().clone(), layer.bias.detach().float().clone()
+    if not layer.pack_for_cpu(release_original=True):
+        pytest.skip("oneDNN weight packing is not available here")
+    for rows in (1, SMALL_GEMM_MAX_ROWS, SMALL_GEMM_MAX_ROWS + 1, 40):
+        x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+        want = F.linear(x.float(), ref_weight, ref_bias)
+        torch.testing.assert_close(layer(x).float(), want, atol=3e-2, rtol=2e-2)
