@@ -1,6 +1,8 @@
-"""Native CPU kernels against the PyTorch code they replace. Decode attention over the paged
-cache: the native CPU kernel and the gathered PyTorch
-path (used on CUDA and without a compiler) against plain SDPA on unpaged K/V."""
+"""Native CPU kernels against the PyTorch code they replace.
+
+Decode attention: the native kernel and the gathered PyTorch path (used on CUDA and without a
+compiler) against plain SDPA on unpaged K/V; then the fused elementwise kernels and the small-row
+bf16 matmul against the ops they stand for."""
 
 import pytest
 import torch
