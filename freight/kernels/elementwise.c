@@ -24,7 +24,7 @@ static inline uint16_t to_bf(float f) {  /* round to nearest even (finite inputs
 
 static inline float rnd(float f) { return bf(to_bf(f)); }  /* value after a bf16 round trip */
 
-#define PAR_IF(work) const int64_t work_ = (work); _Pragma("omp parallel for if(work_ > 65536)")
+#define PAR_IF(work) const int64_t work_ = (work); _Pragma("omp parallel for if(work_ > 8192)")
 
 /* residual (optional, in/out) += x; out = weight * norm(residual or x), as transformers'
  * decoder layer does: the sum is rounded to the model dtype before the norm. */
