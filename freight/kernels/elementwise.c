@@ -26,99 +26,69 @@ static inline float rnd(float f) { return bf(to_bf(f)); }  /* value after a bf16
 
 #define PAR_IF(work) const int64_t work_ = (work); _Pragma("omp parallel for if(work_ > 8192)")
 
+#define ID(x) (x)
+
+/* Each kernel is written once over LOAD (element -> float), STORE (float -> element) and RND
+ * (the value after a round trip through the element type), and instantiated for bf16 and f32. */
+
 /* residual (optional, in/out) += x; out = weight * norm(residual or x), as transformers'
  * decoder layer does: the sum is rounded to the model dtype before the norm. */
-void rms_norm_bf16(const uint16_t *x, uint16_t *residual, const uint16_t *weight, uint16_t *out,
-                   int64_t rows, int64_t dim, float eps) {
-    PAR_IF(rows * dim)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * dim;
-        uint16_t *rr = residual ? residual + r * dim : NULL, *o = out + r * dim;
-        float ss = 0.f;
-        for (int64_t d = 0; d < dim; d++) {
-            float v = bf(xr[d]);
-            if (rr) { v = rnd(v + bf(rr[d])); rr[d] = to_bf(v); }
-            ss += v * v;
-        }
-        const float inv = 1.f / sqrtf(ss / (float)dim + eps);
-        const uint16_t *src = rr ? rr : xr;
-        for (int64_t d = 0; d < dim; d++) o[d] = to_bf(bf(weight[d]) * rnd(bf(src[d]) * inv));
-    }
-}
-
-void rms_norm_f32(const float *x, float *residual, const float *weight, float *out,
-                  int64_t rows, int64_t dim, float eps) {
-    PAR_IF(rows * dim)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * dim;
-        float *rr = residual ? residual + r * dim : NULL, *o = out + r * dim;
-        float ss = 0.f;
-        for (int64_t d = 0; d < dim; d++) {
-            float v = xr[d];
-            if (rr) { v += rr[d]; rr[d] = v; }
-            ss += v * v;
-        }
-        const float inv = 1.f / sqrtf(ss / (float)dim + eps);
-        const float *src = rr ? rr : xr;
-        for (int64_t d = 0; d < dim; d++) o[d] = weight[d] * (src[d] * inv);
-    }
+#define RMS_NORM(NAME, T, LOAD, STORE, RND)                                                        \
+void NAME(const T *x, T *residual, const T *weight, T *out, int64_t rows, int64_t dim, float eps) {\
+    PAR_IF(rows * dim)                                                                             \
+    for (int64_t r = 0; r < rows; r++) {                                                           \
+        const T *xr = x + r * dim;                                                                 \
+        T *rr = residual ? residual + r * dim : NULL, *o = out + r * dim;                          \
+        float ss = 0.f;                                                                            \
+        for (int64_t d = 0; d < dim; d++) {                                                        \
+            float v = LOAD(xr[d]);                                                                 \
+            if (rr) { v = RND(v + LOAD(rr[d])); rr[d] = STORE(v); }                                \
+            ss += v * v;                                                                           \
+        }                                                                                          \
+        const float inv = 1.f / sqrtf(ss / (float)dim + eps);                                      \
+        const T *src = rr ? rr : xr;                                                               \
+        for (int64_t d = 0; d < dim; d++) o[d] = STORE(LOAD(weight[d]) * RND(LOAD(src[d]) * inv)); \
+    }                                                                                              \
 }
 
 /* Rotary embedding in place (rotate-half form): heads [0, num_heads) of each row, rows
  * row_stride elements apart; cos/sin are float32 tables [max_pos, head_dim]. */
-void rotary_bf16(uint16_t *x, int64_t rows, int64_t row_stride, int num_heads, int head_dim,
-                 const int64_t *positions, const float *cos_t, const float *sin_t) {
-    const int half = head_dim / 2;
-    PAR_IF(rows * num_heads * head_dim)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *c = cos_t + positions[r] * head_dim, *s = sin_t + positions[r] * head_dim;
-        for (int h = 0; h < num_heads; h++) {
-            uint16_t *v = x + r * row_stride + (int64_t)h * head_dim;
-            for (int d = 0; d < half; d++) {
-                const float x1 = bf(v[d]), x2 = bf(v[d + half]);
-                const float c1 = rnd(c[d]), s1 = rnd(s[d]), c2 = rnd(c[d + half]), s2 = rnd(s[d + half]);
-                v[d] = to_bf(rnd(x1 * c1) + rnd(-x2 * s1));
-                v[d + half] = to_bf(rnd(x2 * c2) + rnd(x1 * s2));
-            }
-        }
-    }
-}
-
-void rotary_f32(float *x, int64_t rows, int64_t row_stride, int num_heads, int head_dim,
-                const int64_t *positions, const float *cos_t, const float *sin_t) {
-    const int half = head_dim / 2;
-    PAR_IF(rows * num_heads * head_dim)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *c = cos_t + positions[r] * head_dim, *s = sin_t + positions[r] * head_dim;
-        for (int h = 0; h < num_heads; h++) {
-            float *v = x + r * row_stride + (int64_t)h * head_dim;
-            for (int d = 0; d < half; d++) {
-                const float x1 = v[d], x2 = v[d + half];
-                v[d] = x1 * c[d] + (-x2) * s[d];
-                v[d + half] = x2 * c[d + half] + x1 * s[d + half];
-            }
-        }
-    }
+#define ROTARY(NAME, T, LOAD, STORE, RND)                                                          \
+void NAME(T *x, int64_t rows, int64_t row_stride, int num_heads, int head_dim,                     \
+          const int64_t *positions, const float *cos_t, const float *sin_t) {                      \
+    const int half = head_dim / 2;                                                                 \
+    PAR_IF(rows * num_heads * head_dim)                                                            \
+    for (int64_t r = 0; r < rows; r++) {                                                           \
+        const float *c = cos_t + positions[r] * head_dim, *s = sin_t + positions[r] * head_dim;    \
+        for (int h = 0; h < num_heads; h++) {                                                      \
+            T *v = x + r * row_stride + (int64_t)h * head_dim;                                     \
+            for (int d = 0; d < half; d++) {                                                       \
+                const float x1 = LOAD(v[d]), x2 = LOAD(v[d + half]);                               \
+                const float c1 = RND(c[d]), s1 = RND(s[d]), c2 = RND(c[d + half]), s2 = RND(s[d + half]);\
+                v[d] = STORE(RND(x1 * c1) + RND(-x2 * s1));                                        \
+                v[d + half] = STORE(RND(x2 * c2) + RND(x1 * s2));                                  \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
 }
 
 /* out = silu(gate) * up, where each row of gate_up is [gate | up]. */
-void silu_and_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t dim) {
-    PAR_IF(rows * dim)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *g = gate_up + r * 2 * dim, *u = g + dim;
-        uint16_t *o = out + r * dim;
-        for (int64_t d = 0; d < dim; d++) {
-            const float a = bf(g[d]);
-            o[d] = to_bf(rnd(a / (1.f + expf(-a))) * bf(u[d]));
-        }
-    }
+#define SILU_AND_MUL(NAME, T, LOAD, STORE, RND)                                                    \
+void NAME(const T *gate_up, T *out, int64_t rows, int64_t dim) {                                   \
+    PAR_IF(rows * dim)                                                                             \
+    for (int64_t r = 0; r < rows; r++) {                                                           \
+        const T *g = gate_up + r * 2 * dim, *u = g + dim;                                          \
+        T *o = out + r * dim;                                                                      \
+        for (int64_t d = 0; d < dim; d++) {                                                        \
+            const float a = LOAD(g[d]);                                                            \
+            o[d] = STORE(RND(a / (1.f + expf(-a))) * LOAD(u[d]));                                  \
+        }                                                                                          \
+    }                                                                                              \
 }
 
-void silu_and_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t dim) {
-    PAR_IF(rows * dim)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *g = gate_up + r * 2 * dim, *u = g + dim;
-        float *o = out + r * dim;
-        for (int64_t d = 0; d < dim; d++) o[d] = (g[d] / (1.f + expf(-g[d]))) * u[d];
-    }
-}
+RMS_NORM(rms_norm_bf16, uint16_t, bf, to_bf, rnd)
+RMS_NORM(rms_norm_f32, float, ID, ID, ID)
+ROTARY(rotary_bf16, uint16_t, bf, to_bf, rnd)
+ROTARY(rotary_f32, float, ID, ID, ID)
+SILU_AND_MUL(silu_and_mul_bf16, uint16_t, bf, to_bf, rnd)
+SILU_AND_MUL(silu_and_mul_f32, float, ID, ID, ID)
