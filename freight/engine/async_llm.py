@@ -162,11 +162,7 @@ class AsyncLLM:
         """Validate and queue a request; raises PromptError/ValueError (bad input), EngineOverloadedError,
         EngineShutdownError or EngineDeadError. Must be called on the event loop that consumes the stream."""
         text, ids = self.tokenize_prompt(prompt)
-        self.engine._validate_prompt(ids)
-        if params.n_seqs > self.engine.config.max_num_seqs:
-            # The scheduler could never admit it (and it would block the queue behind it).
-            raise ValueError(f"n (or best_of) = {params.n_seqs} is larger than this server's max_num_seqs "
-                             f"({self.engine.config.max_num_seqs})")
+        self.engine.validate_request(ids, params)  # here, so bad input fails the caller, not the loop
         stream = RequestStream(request_id, self, asyncio.get_running_loop(), len(ids))
         with self._cv:
             if self._dead is not None:

@@ -142,9 +142,8 @@ class LLMEngine:
         seq_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
         if self.output_processor.in_use([request_id, *seq_ids]):
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._validate_params(params)
         text, ids = self.tokenize_prompt(prompt)
-        self._validate_prompt(ids)
+        self.validate_request(ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [Request(request_id=sid, prompt_token_ids=ids, sampling_params=params.for_sample(i),
                         max_tokens=params.max_tokens if params.max_tokens is not None else self.max_model_len,
@@ -154,6 +153,11 @@ class LLMEngine:
         seqs[0].pending_forks = seqs[1:]
         self.output_processor.add_request(request_id, seqs, text)
         self.scheduler.add_request(seqs[0])
+
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise PromptError / SamplingParamsError for input this engine can never run."""
+        self._validate_params(params)
+        self._validate_prompt(prompt_ids)
 
     def _validate_params(self, params: SamplingParams) -> None:
         """Limits that depend on this engine (SamplingParams checks the rest by itself)."""

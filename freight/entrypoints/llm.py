@@ -67,13 +67,14 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        # Validate every prompt before queueing any, so one bad prompt leaves nothing behind.
-        for p in prompts:
-            self.llm_engine._validate_prompt(self.llm_engine.tokenize_prompt(p)[1])
+        # Tokenize and validate every request before queueing any, so one bad request leaves nothing behind.
+        tokenized = [self.llm_engine.tokenize_prompt(p) for p in prompts]
+        for (_, prompt_ids), sp in zip(tokenized, params):
+            self.llm_engine.validate_request(prompt_ids, sp)
         ids = []
-        for p, sp in zip(prompts, params):
+        for (text, prompt_ids), sp in zip(tokenized, params):
             rid = str(next(self._counter))
-            self.llm_engine.add_request(rid, p, sp)
+            self.llm_engine.add_request(rid, {"prompt": text, "prompt_token_ids": prompt_ids}, sp)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 

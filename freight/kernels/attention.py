@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -14,6 +15,7 @@ _ARGTYPES = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _INT, _INT, _INT, _
 _FUNCS = {torch.bfloat16: "paged_decode_bf16", torch.float32: "paged_decode_f32"}
 
 
+@lru_cache(maxsize=None)  # looked up for every layer of every step
 def _decode_fn(dtype: torch.dtype):
     lib = load("paged_attention")
     if lib is None or dtype not in _FUNCS:
