@@ -141,15 +141,16 @@ from freight.kernels.gemm import pack_weight, small_gemm, small_gemm_supported  
 from freight.layers.linear import SMALL_GEMM_MAX_ROWS, Linear  # noqa: E402
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 33, 64])
 def test_small_gemm_matches_linear(rows):
     g = torch.Generator().manual_seed(4)
-    w = (torch.randn(48, 40, generator=g) * 0.1).to(torch.bfloat16)
+    # 10 tiles of 16 columns: enough per thread for the prefetch two tiles ahead to run
+    w = (torch.randn(160, 40, generator=g) * 0.1).to(torch.bfloat16)
     if not small_gemm_supported(w):
         pytest.skip("no AVX512_BF16 (or no C compiler): decode matmuls stay on oneDNN")
     wide = torch.randn(rows, 50, generator=g).to(torch.bfloat16)
     x = wide[:, :40]  # strided rows, as a slice of a larger activation
-    got = small_gemm(x, pack_weight(w), 48)
+    got = small_gemm(x, pack_weight(w), 160)
     want = F.linear(x.float(), w.float())
     # float32 sums in another order, one bf16 rounding of the output
     torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=2 ** -7)
