@@ -14,7 +14,7 @@ from freight.layers.attention import AttentionMetadata, PagedAttention
 
 def _case(dtype, heads, kv_heads, dim, block_size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    num_blocks = 64
+    num_blocks = 128
     lens = torch.tensor([1, 5, 16, 17, 40, 95])
     width = int((lens.max() + block_size - 1) // block_size)
     # Distinct, scattered blocks per sequence, as a real block table has.
@@ -56,12 +56,34 @@ def test_gathered_torch_path_matches_reference(dtype, tol, heads, kv_heads, dim,
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,dim", SHAPES)
 @pytest.mark.parametrize("window", [None, 7])
-def test_native_kernel_matches_reference(dtype, tol, heads, kv_heads, dim, window):
-    q, kc, vc, tables, lens = _case(dtype, heads, kv_heads, dim)
+@pytest.mark.parametrize("block_size", [16, 32, 8])  # runs of 16 keys span blocks differently; 8 has no fast path
+def test_native_kernel_matches_reference(dtype, tol, heads, kv_heads, dim, window, block_size):
+    q, kc, vc, tables, lens = _case(dtype, heads, kv_heads, dim, block_size)
     if not paged_decode_available(q):
         pytest.skip("no C compiler: the native decode kernel is not built here")
     got = paged_decode_attention(q, kc, vc, tables, lens, dim ** -0.5, window)
     torch.testing.assert_close(got.float(), _reference(q, kc, vc, tables, lens, window), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 7])
+def test_native_kernel_ignores_slots_it_cannot_see(dtype, window):
+    """Slots past a sequence's end (and before its window) may hold anything, even NaN:
+    a freed block keeps its last owner's values. None of it may reach the output."""
+    q, kc, vc, tables, lens = _case(dtype, 9, 3, 64)
+    if not paged_decode_available(q):
+        pytest.skip("no C compiler: the native decode kernel is not built here")
+    want = paged_decode_attention(q, kc, vc, tables, lens, 0.125, window)
+    block_size = kc.shape[2]
+    for i, n in enumerate(lens.tolist()):
+        first = max(0, n - window) if window else 0
+        for pos in [*range(first), *range(n, tables.shape[1] * block_size)]:
+            blk, off = tables[i, pos // block_size], pos % block_size
+            kc[:, blk, off] = float("nan")
+            vc[:, blk, off] = float("nan")
+    got = paged_decode_attention(q, kc, vc, tables, lens, 0.125, window)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_native_kernel_reads_strided_query_rows():
