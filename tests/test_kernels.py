@@ -157,6 +157,82 @@ def test_silu_and_mul_kernel(dtype):
     torch.testing.assert_close(out, F.silu(gate) * up, **TOL[dtype])
 
 
+# -- prefill attention over the paged cache ---------------------------------------------------
+
+from freight.kernels import paged_prefill_attention, paged_prefill_available  # noqa: E402
+
+
+def _prefill_case(heads, kv_heads, dim, block_size, chunks, seed=0):
+    """chunks: (tokens already cached, new rows) per sequence; returns the kernel's inputs."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in chunks) + 4
+    k_cache = torch.randn(kv_heads, num_blocks, block_size, dim, generator=g).to(torch.bfloat16)
+    v_cache = torch.randn(kv_heads, num_blocks, block_size, dim, generator=g).to(torch.bfloat16)
+    width = max(-(-(c + n) // block_size) for c, n in chunks)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.zeros(len(chunks), width, dtype=torch.int64)
+    rows, used, start = [], 0, 0
+    for i, (c, n) in enumerate(chunks):
+        nb = -(-(c + n) // block_size)
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+        rows.append([start, n, c])
+        start += n
+    q = torch.randn(start, heads, dim, generator=g).to(torch.bfloat16)
+    return q, k_cache, v_cache, tables, torch.tensor(rows, dtype=torch.int64)
+
+
+def _prefill_reference(q, k_cache, v_cache, tables, rows, window):
+    heads, kv_heads = q.shape[1], k_cache.shape[0]
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for i, (start, n, c) in enumerate(rows.tolist()):
+        total = c + n
+        k = k_cache[:, tables[i]].flatten(1, 2)[:, :total].float().repeat_interleave(heads // kv_heads, 0)
+        v = v_cache[:, tables[i]].flatten(1, 2)[:, :total].float().repeat_interleave(heads // kv_heads, 0)
+        q_pos, k_pos = torch.arange(c, total)[:, None], torch.arange(total)[None]
+        mask = k_pos <= q_pos
+        if window:
+            mask &= k_pos > q_pos - window
+        o = F.scaled_dot_product_attention(q[start:start + n].float().transpose(0, 1), k, v, attn_mask=mask,
+                                           scale=q.shape[-1] ** -0.5)
+        out[start:start + n] = o.transpose(0, 1)
+    return out
+
+
+# fresh prompts, chunks after earlier chunks (or prefix hits), one-row chunks, ragged tiles
+PREFILL_CHUNKS = [(0, 37), (20, 5), (0, 1), (33, 64), (100, 17)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (8, 2, 32)])
+@pytest.mark.parametrize("window", [None, 7, 40])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_native_prefill_matches_reference(heads, kv_heads, dim, window, block_size):
+    q, kc, vc, tables, rows = _prefill_case(heads, kv_heads, dim, block_size, PREFILL_CHUNKS)
+    if not paged_prefill_available(q, kc):
+        pytest.skip("no AVX512_BF16 (or no C compiler): prefill attention stays on SDPA")
+    out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16)
+    paged_prefill_attention(q, kc, vc, tables, rows, out, dim ** -0.5, window)
+    # bf16 probabilities and output, float32 sums
+    torch.testing.assert_close(out.float(), _prefill_reference(q, kc, vc, tables, rows, window),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_native_prefill_ignores_slots_past_the_chunk():
+    """Cache slots after a chunk's last token are not written yet (they may hold NaN)."""
+    q, kc, vc, tables, rows = _prefill_case(9, 3, 64, 16, PREFILL_CHUNKS)
+    if not paged_prefill_available(q, kc):
+        pytest.skip("no AVX512_BF16 (or no C compiler): prefill attention stays on SDPA")
+    want = torch.empty(q.shape, dtype=torch.bfloat16)
+    paged_prefill_attention(q, kc, vc, tables, rows, want, 0.125, None)
+    for i, (_, n, c) in enumerate(rows.tolist()):
+        for pos in range(c + n, -(-(c + n) // 16) * 16):  # the rest of the chunk's last block
+            kc[:, tables[i, pos // 16], pos % 16] = float("nan")
+            vc[:, tables[i, pos // 16], pos % 16] = float("nan")
+    got = torch.empty(q.shape, dtype=torch.bfloat16)
+    paged_prefill_attention(q, kc, vc, tables, rows, got, 0.125, None)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 # -- the small-row bf16 matmul of decode steps -------------------------------------------------
 
 from freight.kernels.gemm import pack_weight, small_gemm, small_gemm_supported  # noqa: E402

@@ -176,13 +176,14 @@ def test_stories_greedy_text_prompts(make_llm, stories_dir, stories_tok):
 @pytest.mark.parametrize("variant", ["llama_gqa", "mistral_swa", "qwen3_qknorm"])
 def test_portable_attention_paths_match_hf(make_llm, random_model, monkeypatch, variant):
     """The paths CUDA (and a CPU without a C compiler) runs: gathered-block decode attention,
-    PyTorch norm/rotary/activation and unpacked weights. Same greedy tokens as transformers."""
+    SDPA prefill, PyTorch norm/rotary/activation and unpacked weights. Same greedy tokens as transformers."""
     import freight.layers.attention as attention
     import freight.layers.norm as norm
     import freight.layers.rotary as rotary
     import freight.models.llama as llama
 
     monkeypatch.setattr(attention, "paged_decode_available", lambda q: False)
+    monkeypatch.setattr(attention, "paged_prefill_available", lambda q, k_cache: False)
     monkeypatch.setattr(norm, "rms_norm", lambda *a: None)
     monkeypatch.setattr(rotary, "rotary_inplace", lambda *a: False)
     monkeypatch.setattr(llama, "silu_and_mul", lambda x: None)

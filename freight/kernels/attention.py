@@ -47,3 +47,48 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if rc != 0:
         raise RuntimeError(f"paged_decode kernel failed ({rc}): heads {num_heads}/{heads}, dim {dim}")
     return out
+
+
+_PREFILL_ARGTYPES = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _INT, _PTR, _I64, _INT, _INT, _INT, _I64, _INT, _F32,
+                     _I64]
+
+
+@lru_cache(maxsize=None)
+def _prefill_fn():
+    lib = load("prefill_attention")
+    if lib is None:
+        return None
+    fn = lib.paged_prefill_bf16
+    fn.argtypes, fn.restype = _PREFILL_ARGTYPES, ctypes.c_int
+    # The library builds everywhere; it reports -3 on a CPU without AVX512_BF16.
+    z = torch.zeros(1, 32, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 1, 16, 32, dtype=torch.bfloat16)
+    table, chunks = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([0, 1, 0], dtype=torch.int64)
+    rc = fn(z.data_ptr(), 32, cache.data_ptr(), cache.data_ptr(), table.data_ptr(), 1, chunks.data_ptr(), 1,
+            z.data_ptr(), 32, 1, 1, 32, 1, 16, 1.0, 0)
+    return fn if rc == 0 else None
+
+
+def paged_prefill_available(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    dim, block_size = q.shape[-1], k_cache.shape[2]
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dim % 32 == 0 and dim <= 256
+            and block_size % 16 == 0 and _prefill_fn() is not None)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, chunks: torch.Tensor, out: torch.Tensor, scale: float,
+                            window: Optional[int]) -> None:
+    """Causal attention of prefill chunks over the paged cache, written into out's rows.
+
+    q: [T, H, D] (rows may be strided); out: [T, H, D] contiguous; block_tables: [C, max_blocks];
+    chunks: [C, 3] int64 rows of (first row in q, rows, tokens already cached before the chunk).
+    """
+    num_heads, dim = q.shape[1], q.shape[2]
+    heads, num_blocks, block_size, _ = k_cache.shape
+    if q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.contiguous()
+    rc = _prefill_fn()(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                       block_tables.stride(0), chunks.data_ptr(), chunks.shape[0], out.data_ptr(), out.stride(0),
+                       num_heads, heads, dim, num_blocks, block_size, scale, window or 0)
+    if rc != 0:
+        raise RuntimeError(f"paged_prefill kernel failed ({rc}): heads {num_heads}/{heads}, dim {dim}")

@@ -6,10 +6,11 @@ index_select gives a contiguous [kv_heads, batch, seq, head_dim] tensor that bat
 matmuls read directly: no per-layer transposes or GQA head expansion.
 
 Each step's flat batch holds the decode tokens first (one per sequence, attended in
-one batched call over their gathered blocks) and then the prefill chunks (one call
-per sequence; a chunk with no earlier context attends only to itself and never
-touches the cache's read path). New K/V are written in place through the slot
-mapping before attention reads them.
+one batched call over their gathered blocks) and then the prefill chunks. New K/V
+are written in place through the slot mapping before attention reads them. On CPUs
+with bf16 support, native kernels read the cache in place for both (all of a step's
+prefill chunks in one call); elsewhere a chunk is one SDPA call (a chunk with no
+earlier context attends only to itself and never touches the cache's read path).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freight.kernels import paged_decode_attention, paged_decode_available
+from freight.kernels import (paged_decode_attention, paged_decode_available, paged_prefill_attention,
+                             paged_prefill_available)
 
 
 @dataclass
@@ -45,6 +47,8 @@ class AttentionMetadata:
     decode_block_tables: Optional[torch.Tensor]  # [num_decodes, max_blocks]
     decode_seq_lens: Optional[torch.Tensor]     # [num_decodes]
     prefills: list[PrefillChunk]
+    prefill_block_tables: Optional[torch.Tensor] = None  # [len(prefills), max_blocks], for the native kernel
+    prefill_rows: Optional[torch.Tensor] = None  # [len(prefills), 3]: start, end - start, num_computed
     _cache: dict = field(default_factory=dict)  # masks and gather buffers, shared across layers
 
     def decode_bias(self, window: Optional[int], block_size: int) -> torch.Tensor:
@@ -88,6 +92,11 @@ def kv_cache_shape(num_kv_heads: int, num_blocks: int, block_size: int, head_dim
     return (num_kv_heads, num_blocks, block_size, head_dim)
 
 
+def needs_zeroed_cache(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether decode takes the gathered path, which reads whole blocks, unwritten slots included."""
+    return not paged_decode_available(torch.empty(0, dtype=dtype, device=device))
+
+
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: Optional[int] = None):
@@ -111,9 +120,13 @@ class PagedAttention(nn.Module):
         nd = meta.num_decodes
         if not meta.prefills:
             return self._decode(q, k_cache, v_cache, meta, block_size)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, block_size)
+        if meta.prefill_rows is not None and paged_prefill_available(q, k_cache):
+            paged_prefill_attention(q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_rows, out,
+                                    self.scale, self.sliding_window)
+            return out
         for i, chunk in enumerate(meta.prefills):
             out[chunk.start:chunk.end] = self._prefill(q, k, v, k_cache, v_cache, meta, i, block_size)
         return out

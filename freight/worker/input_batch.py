@@ -61,7 +61,10 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
         width = -(-int(c[:num_decodes].max() + 1) // block_size)
         decode_tables = to_t(np.ascontiguousarray(tables[:num_decodes, :width]))
         decode_lens = to_t(c[:num_decodes] + 1)
-    prefills = []
+    prefills, prefill_tables, prefill_rows = [], None, None
+    if num_decodes < len(sched):
+        prefill_tables = to_t(np.ascontiguousarray(tables[num_decodes:]))
+        prefill_rows = to_t(np.stack([starts, n, c], axis=1)[num_decodes:].copy())
     for i in range(num_decodes, len(sched)):
         table = None
         if c[i] > 0:
@@ -90,7 +93,8 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
         input_ids=to_t(ids),
         positions=to_t(positions),
         attn=AttentionMetadata(slot_mapping=to_t(slots), num_decodes=num_decodes,
-                               decode_block_tables=decode_tables, decode_seq_lens=decode_lens, prefills=prefills),
+                               decode_block_tables=decode_tables, decode_seq_lens=decode_lens, prefills=prefills,
+                               prefill_block_tables=prefill_tables, prefill_rows=prefill_rows),
         logits_indices=to_t(np.asarray(rows, dtype=np.int64)),
         sampling=sampling,
         prompt_rows=prompt_rows,

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from freight.core.scheduler import SchedulerOutput
-from freight.layers.attention import kv_cache_shape
+from freight.layers.attention import kv_cache_shape, needs_zeroed_cache
 from freight.model_config import ModelConfig
 from freight.worker.input_batch import ModelInput, build_model_input
 from freight.worker.sampler import Sampler
@@ -56,12 +56,14 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         shape = kv_cache_shape(cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
-        # Allocated empty (start-up stays fast, pages are touched only when used) and zeroed a
-        # range at a time on first use: attention reads whole blocks and masks the unused
-        # slots, but a masked NaN from uninitialised memory would still poison the sum.
+        # Allocated empty (start-up stays fast, pages are touched only when used). The gathered
+        # decode path (CUDA, no C compiler) reads whole blocks and masks the unused slots, but a
+        # masked NaN from uninitialised memory would still poison its sum: there, blocks are
+        # zeroed a range at a time on first use. The native kernels never read those slots.
         self.kv_caches = [(torch.empty(shape, dtype=dtype, device=device),
                            torch.empty(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
         self._zeroed_blocks = 0  # blocks [0, this) have been zeroed
+        self._zero_on_first_use = needs_zeroed_cache(dtype, device)
         self.sampler = Sampler(seed, device)
         self.generators: dict[str, torch.Generator] = {}
 
@@ -99,7 +101,8 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if out.is_empty:
             return result
-        self._zero_new_blocks(max(max(s.block_ids) for s in out.scheduled))
+        if self._zero_on_first_use:
+            self._zero_new_blocks(max(max(s.block_ids) for s in out.scheduled))
         if out.block_copies:
             self._copy_blocks(out.block_copies)
         inp = build_model_input(out, self.block_size, self.device)
