@@ -7,6 +7,12 @@ Outputs go back to each request's asyncio.Queue through call_soon_threadsafe, on
 call per step per event loop (not one per request: each call writes to the loop's
 self-pipe, which adds up at 64+ concurrent requests).
 
+`from_engine_config` builds the engine on the engine thread, so that it is the only
+thread that ever runs torch ops. With a second OpenMP thread pool in the process (the
+main thread's, had it loaded the model), libgomp sees more threads than CPUs and stops
+spinning between parallel regions: every region then sleeps and wakes its workers, and
+decode steps took 1.5-2x as long (16 against 24-35 ms at 4 sequences on 2 cores).
+
 Failures stay local: an invalid request raises from add_request() in the caller's
 thread (before anything is queued, so the server can answer 400 before a stream
 starts); an exception inside step() fails the requests that were in flight, is
@@ -115,20 +121,14 @@ class RequestStream:
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, max_waiting: Optional[int] = None, log_stats_interval: float = 10.0,
-                 log_requests: bool = True):
+    def __init__(self, engine: Union[LLMEngine, Callable[[], LLMEngine]], max_waiting: Optional[int] = None,
+                 log_stats_interval: float = 10.0, log_requests: bool = True):
+        """engine: a built LLMEngine, or a function that builds one (it runs on the engine thread)."""
         if max_waiting is not None and max_waiting < 1:
             raise ValueError(f"max_waiting must be at least 1 (or None: no limit), got {max_waiting}")
-        self.engine = engine
-        self.max_model_len = engine.max_model_len
         self.max_waiting = max_waiting
         self.log_stats_interval = log_stats_interval
         self.log_requests = log_requests
-        # A tokenizer of our own for the event loop thread (chat templates, prompts, logprob
-        # strings): the engine thread detokenizes with the engine's, and the Rust tokenizer
-        # objects are not meant to be shared between threads.
-        cfg = engine.config
-        self.tokenizer = load_tokenizer(cfg.tokenizer or str(engine.model_dir), cfg.revision, cfg.trust_remote_code)
         # Called on the engine thread with every RequestOutput (metrics); must not raise or block.
         self.output_observers: list[Callable[[RequestOutput], None]] = []
 
@@ -141,13 +141,27 @@ class AsyncLLM:
         self._stopping = False                          # refuse new requests
         self._exit = False                              # engine thread: return once idle
         self._dead: Optional[BaseException] = None
-        self._stats: EngineStats = engine.get_stats()
-        self._thread = threading.Thread(target=self._run, name="freight-engine", daemon=True)
+
+        build = engine if callable(engine) and not isinstance(engine, LLMEngine) else (lambda: engine)
+        built = threading.Event()
+        self._build_error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(build, built), name="freight-engine", daemon=True)
         self._thread.start()
+        built.wait()
+        if self._build_error is not None:
+            raise self._build_error
+        self.max_model_len = self.engine.max_model_len
+        # A tokenizer of our own for the event loop thread (chat templates, prompts, logprob
+        # strings): the engine thread detokenizes with the engine's, and the Rust tokenizer
+        # objects are not meant to be shared between threads.
+        cfg = self.engine.config
+        self.tokenizer = load_tokenizer(cfg.tokenizer or str(self.engine.model_dir), cfg.revision,
+                                        cfg.trust_remote_code)
 
     @classmethod
     def from_engine_config(cls, config: EngineConfig, **kwargs) -> "AsyncLLM":
-        return cls(LLMEngine(config), **kwargs)
+        """Build the engine on the engine thread (see the module docstring); its errors raise here."""
+        return cls(lambda: LLMEngine(config), **kwargs)
 
     # -- the asyncio side ------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
@@ -235,7 +249,15 @@ class AsyncLLM:
         return self._dead is None and self._thread.is_alive()
 
     # -- the engine thread ---------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, build: Callable[[], LLMEngine], built: threading.Event) -> None:
+        try:
+            self.engine = build()
+            self._stats: EngineStats = self.engine.get_stats()
+        except BaseException as e:
+            self._build_error = e
+            return
+        finally:
+            built.set()
         try:
             self._loop()
         except BaseException as e:  # a bug in the loop itself: fail loudly, refuse new work

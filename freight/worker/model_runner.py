@@ -12,6 +12,7 @@ from freight.core.scheduler import SchedulerOutput
 from freight.layers.attention import kv_cache_shape, needs_zeroed_cache
 from freight.model_config import ModelConfig
 from freight.worker.input_batch import ModelInput, build_model_input
+from freight.worker.kv_prefault import prefault_in_background
 from freight.worker.sampler import Sampler
 from freight.worker.sampling_tensors import SamplingTensors
 
@@ -64,6 +65,8 @@ class ModelRunner:
                            torch.empty(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
         self._zeroed_blocks = 0  # blocks [0, this) have been zeroed
         self._zero_on_first_use = needs_zeroed_cache(dtype, device)
+        if not self._zero_on_first_use:
+            prefault_in_background([t for pair in self.kv_caches for t in pair])
         self.sampler = Sampler(seed, device)
         self.generators: dict[str, torch.Generator] = {}
 
