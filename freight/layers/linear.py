@@ -24,10 +24,11 @@ from freight.kernels.gemm import pack_weight, small_gemm, small_gemm_supported
 logger = logging.getLogger(__name__)
 
 _BATCH_HINT = 128  # rows the packed layout is tuned for; measured to do well from 1 to 2048 rows
-# Up to this many rows, freight's own decode kernel (kernels/gemm.c) beats oneDNN. Over all of
-# bench-135m's layers (weights streamed from memory, as in a real step): 1.35x at 8 rows,
-# 1.7x at 16, 1.3x at 32, 1.15x at 64, even at 128.
-SMALL_GEMM_MAX_ROWS = 64
+# Up to this many rows freight's own kernel (kernels/gemm.c) beats oneDNN. Over all of bench-135m's
+# layers (weights streamed from memory, as in a real step): 1.35x at 8 rows, 1.7x at 16, 1.3x at 32,
+# 1.15x at 64, 1.03-1.1x from 128 to 512 rows (a 256-token prompt's prefill); about even beyond,
+# where x no longer fits in L2 and oneDNN's blocking for large row counts pays.
+SMALL_GEMM_MAX_ROWS = 512
 
 
 def _mkldnn_ops():
