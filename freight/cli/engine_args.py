@@ -22,8 +22,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory", default=None,
                    help="KV cache size, bytes or e.g. 2GiB (default: up to 4GiB on CPU)")
     g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per step (default: 1024 on CPU, 2048 elsewhere)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step (default 2048)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)

@@ -28,10 +28,7 @@ from freight.worker.model_runner import ModelRunner, kv_bytes_per_block
 logger = logging.getLogger(__name__)
 
 PromptType = Union[str, list[int], dict]
-# The default token budget per step. On CPU, steps of 1,024 tokens ran W1 12-17% faster than steps
-# of 2,048 (a step's activations stay in cache; freight's matmul serves more of them).
-_DEFAULT_BATCHED_TOKENS = {"cpu": 1024}
-_DEFAULT_BATCHED_TOKENS_ELSEWHERE = 2048
+_DEFAULT_BATCHED_TOKENS = 2048
 _CPU_KV_DEFAULT = 4 * 1024**3   # like vLLM's VLLM_CPU_KVCACHE_SPACE default
 _CPU_KV_MAX_FRACTION = 0.3      # of available RAM
 _CUDA_KV_FRACTION = 0.85        # of free device memory after the weights
@@ -75,9 +72,8 @@ class LLMEngine:
 
         num_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len(num_blocks)
-        default_batched = _DEFAULT_BATCHED_TOKENS.get(self.device.type, _DEFAULT_BATCHED_TOKENS_ELSEWHERE)
         max_batched = config.max_num_batched_tokens or (
-            default_batched if config.enable_chunked_prefill else max(self.max_model_len, default_batched))
+            _DEFAULT_BATCHED_TOKENS if config.enable_chunked_prefill else max(self.max_model_len, _DEFAULT_BATCHED_TOKENS))
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_batched, self.max_model_len,
                                                    config.enable_chunked_prefill), self.kv_cache)
