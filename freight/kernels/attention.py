@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from freight.kernels.build import load
+from freight.kernels.build import c_function
 
 _I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _ARGTYPES = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _INT, _INT, _INT, _INT, _I64, _INT, _F32, _I64]
@@ -17,12 +17,7 @@ _FUNCS = {torch.bfloat16: "paged_decode_bf16", torch.float32: "paged_decode_f32"
 
 @lru_cache(maxsize=None)  # looked up for every layer of every step
 def _decode_fn(dtype: torch.dtype):
-    lib = load("paged_attention")
-    if lib is None or dtype not in _FUNCS:
-        return None
-    fn = getattr(lib, _FUNCS[dtype])
-    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
-    return fn
+    return c_function("paged_attention", _FUNCS[dtype], _ARGTYPES) if dtype in _FUNCS else None
 
 
 def paged_decode_available(q: torch.Tensor) -> bool:
@@ -55,11 +50,9 @@ _PREFILL_ARGTYPES = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _INT, _PTR, _I64,
 
 @lru_cache(maxsize=None)
 def _prefill_fn():
-    lib = load("prefill_attention")
-    if lib is None:
+    fn = c_function("prefill_attention", "paged_prefill_bf16", _PREFILL_ARGTYPES)
+    if fn is None:
         return None
-    fn = lib.paged_prefill_bf16
-    fn.argtypes, fn.restype = _PREFILL_ARGTYPES, ctypes.c_int
     # The library builds everywhere; it reports -3 on a CPU without AVX512_BF16.
     z = torch.zeros(1, 32, dtype=torch.bfloat16)
     cache = torch.zeros(1, 1, 16, 32, dtype=torch.bfloat16)

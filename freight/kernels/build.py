@@ -85,3 +85,13 @@ def load(name: str) -> Optional[ctypes.CDLL]:
     except OSError as e:
         logger.warning("could not load %s (using the PyTorch fallback): %s", out, e)
         return None
+
+
+def c_function(name: str, symbol: str, argtypes: list, restype=ctypes.c_int):
+    """`symbol` of kernel `name` with its C signature set; None when the kernel is not built here."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn

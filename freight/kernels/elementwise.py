@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from freight.kernels.build import load
+from freight.kernels.build import c_function
 
 _I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -21,12 +21,9 @@ _SIGNATURES = {
 
 @lru_cache(maxsize=None)
 def _fn(name: str, dtype: torch.dtype):
-    lib = load("elementwise")
-    if lib is None or dtype not in _SUFFIX:
+    if dtype not in _SUFFIX:
         return None
-    fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
-    fn.argtypes, fn.restype = _SIGNATURES[name], None
-    return fn
+    return c_function("elementwise", f"{name}_{_SUFFIX[dtype]}", _SIGNATURES[name], None)
 
 
 def _usable(x: torch.Tensor, name: str):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from freight.kernels.build import load
+from freight.kernels.build import c_function
 
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 TILE = 16  # output columns per packed tile
@@ -16,11 +16,9 @@ TILE = 16  # output columns per packed tile
 
 @lru_cache(maxsize=None)
 def _fn():
-    lib = load("gemm")
-    if lib is None:
+    fn = c_function("gemm", "gemm_bf16_packed", [_PTR, _I64, _PTR, _PTR, _I64, _INT, _INT, _INT])
+    if fn is None:
         return None
-    fn = lib.gemm_bf16_packed
-    fn.argtypes, fn.restype = [_PTR, _I64, _PTR, _PTR, _I64, _INT, _INT, _INT], ctypes.c_int
     # The library builds everywhere; it reports -2 on a CPU without AVX512_BF16.
     probe = torch.zeros(1, 2, dtype=torch.bfloat16)
     w = pack_weight(torch.zeros(TILE, 2, dtype=torch.bfloat16))
