@@ -1,5 +1,6 @@
 """The KV-cache prefault thread maps pages without changing what the engine wrote."""
 
+import pytest
 import torch
 
 from freight.worker import kv_prefault
@@ -10,7 +11,7 @@ def test_prefault_keeps_contents_and_finishes():
     before = [c.clone() for c in caches]
     thread = kv_prefault.prefault_in_background(caches)
     if thread is None:
-        return  # no madvise here: nothing runs, nothing to check
+        pytest.skip("no madvise here (not Linux/glibc): the cache faults in on first use")
     thread.join(timeout=60)
     assert not thread.is_alive()
     for c, b in zip(caches, before):
