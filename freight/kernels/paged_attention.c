@@ -172,6 +172,7 @@ static int NAME(ARGS(uint16_t)) {                                               
     const __m512i lo = _mm512_loadu_si512(idx), hi = _mm512_loadu_si512(idx + 32);                \
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);            \
     ITEMS_BEGIN(uint16_t, HD)                                                                      \
+            (void)n;  /* runs of 16 cover the visible keys: the key count is not needed */       \
             const int64_t r0 = first / 16, r1 = (len + 15) / 16, nk = (r1 - r0) * 16;             \
             float *sc = scores;                                      /* [group][nk] float32 */     \
             uint16_t *pb = (uint16_t *)(scores + (int64_t)group * nk);  /* [group][nk] bf16 */     \

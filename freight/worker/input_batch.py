@@ -67,8 +67,8 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
         prefill_rows = to_t(np.stack([starts, n, c], axis=1)[num_decodes:].copy())
     for i in range(num_decodes, len(sched)):
         table = None
-        if c[i] > 0:
-            table = to_t(tables[i, :-(-int(c[i] + n[i]) // block_size)].copy())
+        if c[i] > 0:  # its row of prefill_tables, cut to the blocks it covers (a view: no second copy)
+            table = prefill_tables[i - num_decodes, :-(-int(c[i] + n[i]) // block_size)]
         prefills.append(PrefillChunk(int(starts[i]), int(ends[i]), int(c[i]), table))
 
     sampling, rows = [], []
