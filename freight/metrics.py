@@ -2,11 +2,13 @@
 
 Two sources feed them:
 - engine totals and gauges (running/waiting, KV usage, prefix cache, preemptions) are
-  read from the engine's stats snapshot at scrape time by a custom collector, so they
-  are exactly the engine's own counters and cost nothing between scrapes;
+  read from each engine core's latest stats snapshot at scrape time by a custom
+  collector, so they are exactly the engines' own counters and cost nothing between
+  scrapes; one sample per engine core, labelled engine="0", "1", ... as vLLM does
+  with data parallelism (sum over `engine` for the totals);
 - per-request figures (tokens, TTFT, inter-token latency, e2e, queue time, finish
-  reasons) are recorded from each RequestOutput by `observe`, on the engine thread
-  (prometheus_client's metrics are thread-safe).
+  reasons) are recorded from each RequestOutput by `observe`, on the frontend's
+  output thread (prometheus_client's metrics are thread-safe).
 Each ServerMetrics has its own CollectorRegistry, so one process can host several
 servers (tests) without duplicate-metric errors.
 """
@@ -19,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from freight.engine.llm_engine import EngineStats
+from freight.core.stats import SchedulerStats
 from freight.outputs import RequestOutput
 
 # vLLM's buckets, with finer ones at the bottom: tiny models answer in microseconds.
@@ -33,41 +35,47 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _EngineStatsCollector(Collector):
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]):
+    def __init__(self, model_name: str, stats: Callable[[], list[SchedulerStats]]):
         self.model_name = model_name
         self.stats = stats
 
     def collect(self) -> Iterable[Metric]:
-        s = self.stats()
-        label = [self.model_name]
+        per_engine = self.stats()
+        labels = ["model_name", "engine"]
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(label, value)
-            return g
+        def family(kind, name: str, doc: str, value: Callable[[SchedulerStats], float]):
+            f = kind(name, doc, labels=labels)
+            for i, s in enumerate(per_engine):
+                f.add_metric([self.model_name, str(i)], value(s))
+            return f
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(label, value)
-            return c
+        def gauge(name: str, doc: str, value: Callable[[SchedulerStats], float]) -> GaugeMetricFamily:
+            return family(GaugeMetricFamily, name, doc, value)
 
-        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running)
-        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting)
-        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage)
+        def counter(name: str, doc: str, value: Callable[[SchedulerStats], float]) -> CounterMetricFamily:
+            return family(CounterMetricFamily, name, doc, value)
+
+        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                    lambda s: s.num_running)
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                    lambda s: s.num_waiting)
+        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                    lambda s: s.kv_cache_usage)
         yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-                      s.prefix_cache_queries)
+                      lambda s: s.prefix_cache_queries)
         yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-                      s.prefix_cache_hits)
+                      lambda s: s.prefix_cache_hits)
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
-                      s.num_preemptions)
+                      lambda s: s.num_preemptions)
         # freight's own: the block counts behind kv_cache_usage_perc (a leak shows as free < total at rest).
-        yield gauge("freight:kv_cache_free_blocks", "KV cache blocks not held by any request.", s.num_free_blocks)
-        yield gauge("freight:kv_cache_total_blocks", "KV cache blocks in total.", s.num_total_blocks)
-        yield counter("freight:engine_steps", "Engine steps run.", s.num_steps)
+        yield gauge("freight:kv_cache_free_blocks", "KV cache blocks not held by any request.",
+                    lambda s: s.num_free_blocks)
+        yield gauge("freight:kv_cache_total_blocks", "KV cache blocks in total.", lambda s: s.num_total_blocks)
+        yield counter("freight:engine_steps", "Engine steps run.", lambda s: s.num_steps)
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]):
+    def __init__(self, model_name: str, stats: Callable[[], list[SchedulerStats]]):
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(model_name, stats))

@@ -1,6 +1,8 @@
-"""AsyncLLM in-process: streaming deltas, validation before queueing, a failing step that
+"""AsyncLLM with its engine core on a thread of this process (the same busy loop the server
+runs in its own process): streaming deltas, validation before queueing, a failing step that
 fails only the requests in flight, the waiting-queue limit, aborts on cancellation, and
-shutdown. (The HTTP server on top is covered by test_server*.py.)"""
+shutdown. (The HTTP server and the engine-core process are covered by test_server*.py and
+test_engine_core_proc.py.)"""
 
 from __future__ import annotations
 
@@ -13,17 +15,13 @@ import pytest
 from freight import SamplingParams
 from freight.config import EngineConfig
 from freight.engine.async_llm import (AsyncLLM, EngineOverloadedError, EngineShutdownError, EngineStepError)
-from freight.engine.llm_engine import LLMEngine, PromptError
+from freight.engine.llm_engine import PromptError
 
 
 @pytest.fixture(scope="module")
 def async_llm(stories_dir):
-    import torch
-
-    engine = LLMEngine(EngineConfig(model=str(stories_dir), dtype="float32", device="cpu", kv_cache_memory="16MiB",
-                                    num_threads=1, max_num_seqs=8))
-    torch.set_num_threads(1)
-    llm = AsyncLLM(engine, log_stats_interval=0)
+    llm = AsyncLLM(EngineConfig(model=str(stories_dir), dtype="float32", device="cpu", kv_cache_memory="16MiB",
+                                num_threads=1, max_num_seqs=8), multiprocess=False, log_stats_interval=0)
     yield llm
     llm.shutdown()
 
@@ -82,13 +80,15 @@ def test_invalid_requests_raise_before_queueing(async_llm):
 
 
 def test_failed_step_fails_in_flight_requests_and_loop_survives(async_llm, monkeypatch):
-    engine = async_llm.engine
+    engine = async_llm.client.engine_core
     real_step = engine.step
     failed = []
+    start = engine.make_stats().num_generated_tokens
 
     def flaky_step():
         # Fail once both requests are in the engine and have made some progress.
-        if not failed and engine.get_num_unfinished_requests() == 2 and engine.get_stats().num_generated_tokens:
+        if (not failed and engine.scheduler.num_unfinished == 2
+                and engine.make_stats().num_generated_tokens > start):
             failed.append(True)
             raise RuntimeError("injected failure")
         return real_step()
@@ -108,7 +108,7 @@ def test_failed_step_fails_in_flight_requests_and_loop_survives(async_llm, monke
 
 
 def test_waiting_limit(async_llm, monkeypatch):
-    engine = async_llm.engine
+    engine = async_llm.client.engine_core
     real_step = engine.step
     gate, entered = threading.Event(), threading.Event()
 
@@ -168,6 +168,6 @@ def test_shutdown_aborts_in_flight(async_llm):
 
     asyncio.run(run())
     async_llm.shutdown()
-    assert not async_llm._thread.is_alive()
-    s = async_llm.engine.get_stats()
+    assert not async_llm._thread.is_alive() and not async_llm.client._thread.is_alive()
+    s = async_llm.client.engine_core.make_stats()
     assert s.num_running == 0 and s.num_free_blocks == s.num_total_blocks

@@ -190,7 +190,7 @@ def test_portable_attention_paths_match_hf(make_llm, random_model, monkeypatch, 
     monkeypatch.setenv("FREIGHT_DISABLE_WEIGHT_PACKING", "1")
     path = random_model(variant)
     llm = make_llm(path)
-    assert not any(getattr(m, "_packed", None) is not None for m in llm.llm_engine.runner.model.modules())
+    assert not any(getattr(m, "_packed", None) is not None for m in llm.llm_engine.engine_core.executor.worker.model.modules())
     prompts = [[(7 * i + j) % 50 + 3 for j in range(n)] for i, n in enumerate([3, 17, 40])]
     outs = generate(llm, [{"prompt_token_ids": p} for p in prompts], greedy(24))
     check_outputs(path, prompts, outs, 24, f"{variant} portable paths")

@@ -1,12 +1,11 @@
 """Every error the server promises: its status, OpenAI's JSON shape, and a server that
-keeps serving afterwards. Also 503 past the waiting-queue limit, a model without a chat
-template, and a SIGINT that aborts in-flight requests and exits 0."""
+keeps serving afterwards. Also 503 past the waiting-queue limit and a model without a chat
+template. (Signals, the drain and a dying engine core: test_engine_core_proc.py.)"""
 
 from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import httpx
 import openai
@@ -193,27 +192,3 @@ def test_overload_503(small_server):
     wait_for_idle(small_server)
     r = httpx.post(small_server.url("/v1/completions"), json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200, r.text
-
-
-def test_sigint_aborts_in_flight_and_exits_0(small_server):
-    events: list[str] = []
-
-    def stream() -> None:
-        body = {"prompt": "Once upon a time", "max_tokens": 450, "temperature": 0, "stream": True}
-        with httpx.Client(timeout=60) as c, c.stream("POST", small_server.url("/v1/completions"), json=body) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-
-    t = threading.Thread(target=stream)
-    t.start()
-    deadline = time.monotonic() + 30
-    while len(events) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(events) >= 3, "the stream did not start"
-    code = small_server.stop(signal.SIGINT)
-    t.join(30)
-    assert code == 0, small_server.log_tail()
-    assert events[-1] == "[DONE]"
-    assert '"error"' in events[-2] and "shutting down" in events[-2], events[-3:]
-    assert "Traceback" not in small_server.log_path.read_text()

@@ -29,7 +29,10 @@ def add_parser(subparsers) -> None:
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--graceful-shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="at shutdown, how long to wait for responses to finish before cancelling them")
+                   help="on SIGTERM/SIGINT, how long in-flight requests may run on before they are aborted")
+    s.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="N",
+                   help="engine-core processes, each with the whole model and its own KV cache (the CPUs are "
+                        "split between them); requests go to the least loaded")
     add_engine_args(p, model_positional=True)
     p.set_defaults(func=run)
 

@@ -37,6 +37,7 @@ class KVCacheManager:
         self.num_cached_blocks: dict[str, int] = {}  # how many leading blocks are already published
         self.prefix_stats = PrefixCacheStats()
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies the runner must do first
+        self.rewritten: set[str] = set()  # requests whose table had a block replaced (copy on write)
         self.num_allocated_blocks = 0  # total allocations, for counters that show sharing
 
     @property
@@ -97,6 +98,7 @@ class KVCacheManager:
             shared = blocks[-1]
             blocks[-1] = self._allocate(1)[0]
             self.pending_copies.append((shared.block_id, blocks[-1].block_id))
+            self.rewritten.add(request.request_id)
             self.pool.free([shared])
         self.pool.touch(new_computed_blocks)
         blocks.extend(new_computed_blocks)
@@ -120,6 +122,10 @@ class KVCacheManager:
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
+
+    def take_rewritten_tables(self) -> set[str]:
+        rewritten, self.rewritten = self.rewritten, set()
+        return rewritten
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         """Publish the blocks that will be full once this step's tokens are written."""

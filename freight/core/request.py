@@ -1,4 +1,4 @@
-"""Request: the engine's record of one generation request as it moves through the scheduler."""
+"""Request: the engine core's record of one sequence as it moves through the scheduler."""
 
 from __future__ import annotations
 
@@ -41,11 +41,8 @@ class Request:
     first_scheduled_time: Optional[float] = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
-    # Prompt positions whose logprobs were already produced: a preempted request recomputes
-    # its prompt, and those rows must not be reported twice.
-    num_prompt_logprobs_done: int = 0
-    # Sibling sequences of an n > 1 request, forked from this one once its prompt is computed:
-    # they share its blocks and draw their first tokens from the same logits.
+    # Sibling sequences of an n > 1 request, forked from this one in the step that computes the
+    # end of its prompt: they share its blocks and draw their first tokens from the same logits.
     pending_forks: list["Request"] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -6,53 +6,23 @@ budget that is left. When the KV cache cannot hold a running request's next toke
 the most recently admitted running request is preempted: its blocks are freed and
 it goes back to the front of the queue, to be recomputed (largely from the prefix
 cache) later.
+
+The decision goes out as a plain-data SchedulerOutput (freight.step_contract): a
+request the runner has not seen is sent whole once, afterwards only its new blocks.
+The runner's ModelRunnerOutput comes back to update_from_output.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from freight.core.kv_cache_manager import KVCacheManager
 from freight.core.request import Request, RequestStatus
-
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_computed_tokens: int  # before this step
-    num_new_tokens: int
-    block_ids: list[int]
-
-    @property
-    def completes_sequence(self) -> bool:
-        """True when this step reaches the request's last token, so a new token gets sampled."""
-        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
-
-    @property
-    def sampled_requests(self) -> list[Request]:
-        """The sequences that get a token from this request's last row (itself, plus forks)."""
-        if not self.completes_sequence:
-            return []
-        return [self.request, *self.request.pending_forks]
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    finished_request_ids: set[str] = field(default_factory=set)  # since the previous step
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
-    num_preempted: int = 0
-
-    @property
-    def total_num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+from freight.core.stats import SchedulerStats
+from freight.step_contract import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
 @dataclass
@@ -79,8 +49,13 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self._finished_ids: set[str] = set()
+        self._finished_ids: list[str] = []
+        # Requests the runner holds -> the block-table length it knows (-1: preempted, its table is stale).
+        self._sent_blocks: dict[str, int] = {}
         self.num_preemptions = 0
+        self.num_computed_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        self.num_steps = 0
 
     # -- queue management -------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -88,6 +63,8 @@ class Scheduler:
         if num_seqs > self.config.max_num_seqs:
             raise ValueError(f"the request needs {num_seqs} sequences (n/best_of) but max_num_seqs is "
                              f"{self.config.max_num_seqs}")
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -114,7 +91,8 @@ class Scheduler:
         req.status = status
         self.kv.free(req)
         del self.requests[req.request_id]
-        self._finished_ids.add(req.request_id)
+        if self._sent_blocks.pop(req.request_id, None) is not None:
+            self._finished_ids.append(req.request_id)
 
     @property
     def num_unfinished(self) -> int:
@@ -122,9 +100,10 @@ class Scheduler:
 
     # -- one step ---------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_request_ids=self._finished_ids)
-        self._finished_ids = set()
+        out = SchedulerOutput(finished_req_ids=self._finished_ids, num_scheduled_tokens={})
+        self._finished_ids = []
         budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -138,18 +117,25 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break
-            out.scheduled.append(self._scheduled(req, num_new))
+            scheduled.append((req, num_new))
             budget -= num_new
             i += 1
 
         if out.num_preempted == 0:
-            self._admit_waiting(out, budget)
-        for s in out.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
+            self._admit_waiting(scheduled, budget)
+        rewritten = self.kv.take_rewritten_tables()
+        for req, num_new in scheduled:
+            self._describe(out, req, num_new, req.request_id in rewritten)
+            self._count_prompt_tokens(req, num_new)
+            req.num_computed_tokens += num_new
+        for req, _ in scheduled:  # after every allocation: nothing forked now can be preempted this step
+            if req.pending_forks and req.num_computed_tokens == req.num_tokens:
+                self._fork(out, req)
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         out.block_copies = self.kv.take_pending_copies()
         return out
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
         while self.waiting and budget > 0:
             req = self.waiting[0]
             if self._num_seats() + 1 + len(req.pending_forks) > self.config.max_num_seqs:
@@ -169,7 +155,7 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(self._scheduled(req, num_new))
+            scheduled.append((req, num_new))
             budget -= num_new
 
     def _num_seats(self) -> int:
@@ -177,11 +163,48 @@ class Scheduler:
         # count already: admitting past them would overshoot max_num_seqs later.
         return len(self.running) + sum(len(r.pending_forks) for r in self.running)
 
-    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
-        return ScheduledRequest(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id))
+    def _describe(self, out: SchedulerOutput, req: Request, num_new: int, rewritten: bool) -> None:
+        """Add req to the step's contract: whole the first time, then only what changed."""
+        rid = req.request_id
+        block_ids = self.kv.block_ids(rid)
+        known = self._sent_blocks.get(rid)
+        if known is None:
+            out.scheduled_new_reqs.append(NewRequestData(
+                rid, req.prompt_token_ids, req.sampling_params, sorted(req.eos_token_ids), block_ids,
+                req.num_computed_tokens))
+        else:
+            # After a preemption (a fresh table) or a copy on write the whole table goes again.
+            reset = rewritten or known < 0
+            out.scheduled_cached_reqs.append(CachedRequestData(
+                rid, req.num_computed_tokens, block_ids if reset else block_ids[known:], reset))
+        self._sent_blocks[rid] = len(block_ids)
+        out.num_scheduled_tokens[rid] = num_new
+
+    def _count_prompt_tokens(self, req: Request, num_new: int) -> None:
+        prompt_end = min(req.num_computed_tokens + num_new, req.num_prompt_tokens)
+        self.num_computed_prompt_tokens += max(0, prompt_end - req.num_computed_tokens)
+
+    def _fork(self, out: SchedulerOutput, parent: Request) -> None:
+        """Start the sibling sequences of parent: this step computes the end of its prompt."""
+        children, parent.pending_forks = parent.pending_forks, []
+        for child in children:
+            self.kv.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.first_scheduled_time = parent.first_scheduled_time
+            child.status = RequestStatus.RUNNING
+            self.requests[child.request_id] = child
+            self.running.append(child)
+            block_ids = self.kv.block_ids(child.request_id)
+            out.scheduled_new_reqs.append(NewRequestData(
+                child.request_id, child.prompt_token_ids, child.sampling_params, sorted(child.eos_token_ids),
+                block_ids, child.num_computed_tokens, parent_req_id=parent.request_id))
+            self._sent_blocks[child.request_id] = len(block_ids)
+            out.num_scheduled_tokens[child.request_id] = 0
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self._sent_blocks[req.request_id] = -1
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -189,35 +212,39 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # -- after the model ran -----------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Append each sampled token, apply token-level stops; returns the requests that got a token."""
-        updated = []
-        for s in out.scheduled:
-            req = s.request
-            if req.request_id not in sampled or req.status != RequestStatus.RUNNING:
-                continue
-            seqs = [req, *self._fork(req)]
-            for seq in seqs:
-                seq.append_token(sampled[seq.request_id])
-                updated.append(seq)
-                status = seq.check_stop(self.config.max_model_len)
-                if status is not None:
-                    self.running.remove(seq)
-                    self._free(seq, status)
-        return updated
+    def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, int]]:
+        """Append each sampled token, apply token-level stops.
 
-    def _fork(self, req: Request) -> list[Request]:
-        """Start the sibling sequences of req now that its prompt is in the cache."""
-        children, req.pending_forks = req.pending_forks, []
-        for child in children:
-            self.kv.fork(req, child)
-            child.num_computed_tokens = req.num_computed_tokens
-            child.num_cached_tokens = req.num_cached_tokens
-            child.first_scheduled_time = req.first_scheduled_time
-            child.status = RequestStatus.RUNNING
-            self.requests[child.request_id] = child
-            self.running.append(child)
-        return children
+        Returns the sequences that got tokens, each with how many of its sampled tokens it
+        kept (the tokens after one that stops the sequence are dropped)."""
+        self.num_steps += 1
+        updated = []
+        for rid, tokens in zip(result.req_ids, result.sampled_token_ids):
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue
+            kept = 0
+            for tok in tokens:
+                req.append_token(tok)
+                kept += 1
+                status = req.check_stop(self.config.max_model_len)
+                if status is not None:
+                    self.running.remove(req)
+                    self._free(req, status)
+                    break
+            self.num_generated_tokens += kept
+            updated.append((req, kept))
+        return updated
 
     def get_request(self, request_id: str) -> Optional[Request]:
         return self.requests.get(request_id)
+
+    def make_stats(self) -> SchedulerStats:
+        kv = self.kv
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting), kv_cache_usage=kv.usage(),
+            num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.pool.num_blocks,
+            num_preemptions=self.num_preemptions, prefix_cache_queries=kv.prefix_stats.queries,
+            prefix_cache_hits=kv.prefix_stats.hits, num_computed_prompt_tokens=self.num_computed_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens, num_steps=self.num_steps,
+            num_allocated_blocks=kv.num_allocated_blocks)

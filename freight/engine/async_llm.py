@@ -1,22 +1,23 @@
-"""AsyncLLM: the engine behind the server, driven by one background thread.
+"""AsyncLLM: the server's frontend, with the engine core(s) in their own processes.
 
-LLMEngine is not thread-safe, so exactly one thread (the "engine thread") ever
-touches it. The asyncio side only appends to the add/abort queues (under a lock)
-and reads the stats snapshot the engine thread publishes after every step.
-Outputs go back to each request's asyncio.Queue through call_soon_threadsafe, one
-call per step per event loop (not one per request: each call writes to the loop's
-self-pipe, which adds up at 64+ concurrent requests).
+This process tokenizes, validates, detokenizes, matches stop strings and streams;
+the engine-core processes (one per data-parallel rank) schedule and run the model and
+are the only ones that touch torch. New requests go to the least loaded core (its
+unfinished requests, as this frontend counts them).
 
-`from_engine_config` builds the engine on the engine thread, so that it is the only
-thread that ever runs torch ops. With a second OpenMP thread pool in the process (the
-main thread's, had it loaded the model), libgomp sees more threads than CPUs and stops
-spinning between parallel regions: every region then sleeps and wakes its workers, and
-decode steps took 1.5-2x as long (16 against 24-35 ms at 4 sequences on 2 cores).
+Threads: callers (asyncio event loops) add and abort requests under one lock; one
+output thread receives every core's EngineCoreOutputs, turns them into RequestOutputs
+(detokenizing off the event loop, with a tokenizer of its own: the Rust tokenizer
+objects are not meant to be shared between threads) and hands them to each request's
+asyncio.Queue with one call_soon_threadsafe per event loop and batch (not one per
+request: each call writes to the loop's self-pipe, which adds up at 64+ streams).
 
 Failures stay local: an invalid request raises from add_request() in the caller's
 thread (before anything is queued, so the server can answer 400 before a stream
-starts); an exception inside step() fails the requests that were in flight, is
-logged, and the loop keeps serving.
+starts); a step that fails in a core fails the requests that core had in flight, and
+it keeps serving. A core process that dies fails every request in flight with
+EngineDeadError, marks the engine unhealthy and calls the on_dead callbacks (the
+server then exits non-zero).
 """
 
 from __future__ import annotations
@@ -27,18 +28,24 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Union
 
 from freight.config import EngineConfig
-from freight.engine.llm_engine import EngineStats, LLMEngine, PromptError
+from freight.core.stats import SchedulerStats, sum_stats
+from freight.engine.core_client import CoreClient, EngineDeadError, make_client
+from freight.engine.messages import EngineCoreOutputs
+from freight.engine.output_processor import OutputProcessor
+from freight.engine.processor import InputProcessor, PromptError, sequence_ids
+from freight.model_config import ModelConfig
+from freight.model_loader import resolve_model_dir
 from freight.outputs import RequestOutput
 from freight.sampling_params import SamplingParams
-from freight.tokenizer import load_tokenizer
+from freight.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 PromptInput = Union[str, list[int], dict]
+EngineStats = SchedulerStats
 
 
 class EngineOverloadedError(RuntimeError):
@@ -51,18 +58,6 @@ class EngineShutdownError(RuntimeError):
 
 class EngineStepError(RuntimeError):
     """A step of the engine failed while this request was in flight (500)."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; nothing more can run (503)."""
-
-
-@dataclass
-class _PendingAdd:
-    request_id: str
-    prompt: dict
-    params: SamplingParams
-    arrival_time: float
 
 
 class RequestStream:
@@ -121,78 +116,98 @@ class RequestStream:
 
 
 class AsyncLLM:
-    def __init__(self, engine: Union[LLMEngine, Callable[[], LLMEngine]], max_waiting: Optional[int] = None,
-                 log_stats_interval: float = 10.0, log_requests: bool = True):
-        """engine: a built LLMEngine, or a function that builds one (it runs on the engine thread)."""
+    def __init__(self, config: EngineConfig, data_parallel_size: int = 1, multiprocess: bool = True,
+                 max_waiting: Optional[int] = None, log_stats_interval: float = 10.0, log_requests: bool = True):
         if max_waiting is not None and max_waiting < 1:
             raise ValueError(f"max_waiting must be at least 1 (or None: no limit), got {max_waiting}")
+        if data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be at least 1, got {data_parallel_size}")
+        self.config = config
         self.max_waiting = max_waiting
         self.log_stats_interval = log_stats_interval
         self.log_requests = log_requests
-        # Called on the engine thread with every RequestOutput (metrics); must not raise or block.
+        # Called on the output thread with every RequestOutput (metrics); must not raise or block.
         self.output_observers: list[Callable[[RequestOutput], None]] = []
+        # Called once, on the output thread, if an engine core dies.
+        self.on_dead: list[Callable[[BaseException], None]] = []
 
-        self._cv = threading.Condition(threading.Lock())
-        self._adds: list[_PendingAdd] = []
-        self._aborts: list[str] = []
-        self._streams: dict[str, RequestStream] = {}   # requests whose consumer still listens
-        self._in_engine: set[str] = set()               # engine thread only
-        self._num_waiting = 0                           # in the scheduler's queue, updated under the lock
-        self._stopping = False                          # refuse new requests
-        self._exit = False                              # engine thread: return once idle
+        self.model_dir = resolve_model_dir(config.model, config.revision)
+        self.client: CoreClient = make_client(config, data_parallel_size, multiprocess,
+                                              log_level=logging.getLogger("freight").getEffectiveLevel())
+        try:
+            # One tokenizer for the callers' threads (prompts, chat templates), one for the output thread.
+            self.tokenizer = load_tokenizer(config.tokenizer or str(self.model_dir), config.revision,
+                                            config.trust_remote_code)
+            detokenizer = load_tokenizer(config.tokenizer or str(self.model_dir), config.revision,
+                                         config.trust_remote_code)
+            self.client.wait_ready()
+        except BaseException:
+            self.client.shutdown(timeout=2)
+            raise
+        self.max_model_len = self.client.max_model_len
+        self.processor = InputProcessor(config, self.tokenizer, ModelConfig.from_dir(self.model_dir).vocab_size,
+                                        eos_token_ids(self.model_dir, self.tokenizer), self.max_model_len)
+        self.output_processor = OutputProcessor(detokenizer)
+
+        n = data_parallel_size
+        self._lock = threading.Lock()
+        self._streams: dict[str, RequestStream] = {}  # requests whose consumer still listens
+        self._engine_of: dict[str, int] = {}          # unfinished request -> its engine core
+        self._load = [0] * n                           # unfinished requests per engine
+        self._stats = [SchedulerStats() for _ in range(n)]
+        self._added_since_stats = [0] * n              # requests sent after the engine's last stats
+        self._stopping = False                         # refuse new requests
+        self._exit = False
         self._dead: Optional[BaseException] = None
-
-        build = engine if callable(engine) and not isinstance(engine, LLMEngine) else (lambda: engine)
-        built = threading.Event()
-        self._build_error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, args=(build, built), name="freight-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run_output_loop, name="freight-output", daemon=True)
         self._thread.start()
-        built.wait()
-        if self._build_error is not None:
-            raise self._build_error
-        self.max_model_len = self.engine.max_model_len
-        # A tokenizer of our own for the event loop thread (chat templates, prompts, logprob
-        # strings): the engine thread detokenizes with the engine's, and the Rust tokenizer
-        # objects are not meant to be shared between threads.
-        cfg = self.engine.config
-        self.tokenizer = load_tokenizer(cfg.tokenizer or str(self.engine.model_dir), cfg.revision,
-                                        cfg.trust_remote_code)
 
     @classmethod
     def from_engine_config(cls, config: EngineConfig, **kwargs) -> "AsyncLLM":
-        """Build the engine on the engine thread (see the module docstring); its errors raise here."""
-        return cls(lambda: LLMEngine(config), **kwargs)
+        return cls(config, **kwargs)
 
-    # -- the asyncio side ------------------------------------------------------
+    @property
+    def data_parallel_size(self) -> int:
+        return len(self._load)
+
+    # -- the callers' side ------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer(prompt).input_ids
-        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and "prompt" in prompt:
-            return self.tokenize_prompt(prompt["prompt"])
-        return self.engine.tokenize_prompt(prompt)  # token ids: no tokenizer involved
+        return self.processor.tokenize_prompt(prompt)
+
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.processor.validate_request(prompt_ids, params)
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                     arrival_time: Optional[float] = None) -> RequestStream:
         """Validate and queue a request; raises PromptError/ValueError (bad input), EngineOverloadedError,
         EngineShutdownError or EngineDeadError. Must be called on the event loop that consumes the stream."""
         text, ids = self.tokenize_prompt(prompt)
-        self.engine.validate_request(ids, params)  # here, so bad input fails the caller, not the loop
+        self.validate_request(ids, params)  # here, so bad input fails the caller, not the engine
         stream = RequestStream(request_id, self, asyncio.get_running_loop(), len(ids))
-        with self._cv:
+        with self._lock:
             if self._dead is not None:
                 raise EngineDeadError(f"the engine has stopped: {self._dead}")
             if self._stopping:
                 raise EngineShutdownError("the server is shutting down")
-            if request_id in self._streams or any(a.request_id == request_id for a in self._adds):
+            if request_id in self._engine_of or self.output_processor.in_use(sequence_ids(request_id, params)):
                 raise ValueError(f"request id {request_id!r} is already in use")
-            if self.max_waiting is not None and self._num_waiting + len(self._adds) >= self.max_waiting:
+            if self.max_waiting is not None and self._num_waiting() >= self.max_waiting:
                 raise EngineOverloadedError(f"the server is overloaded: {self.max_waiting} requests are already "
                                             "waiting; retry later")
+            engine = min(range(len(self._load)), key=self._load.__getitem__)
+            req = self.processor.make_request(request_id, ids, params, arrival_time)
+            self.output_processor.add_request(request_id, [req.request_id, *req.fork_ids], text, ids, params,
+                                              req.arrival_time)
             self._streams[request_id] = stream
-            self._adds.append(_PendingAdd(request_id, {"prompt": text, "prompt_token_ids": ids}, params,
-                                          arrival_time if arrival_time is not None else time.monotonic()))
-            self._cv.notify()
+            self._engine_of[request_id] = engine
+            self._load[engine] += 1
+            self._added_since_stats[engine] += 1
+            self.client.add_request(req, engine)
         return stream
+
+    def _num_waiting(self) -> int:
+        """Waiting in the cores at their last stats, plus what was sent since (it may be waiting too)."""
+        return sum(s.num_waiting for s in self._stats) + sum(self._added_since_stats)
 
     async def generate(self, prompt: PromptInput, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -206,134 +221,142 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         """Thread-safe and non-blocking; a no-op for unknown or finished requests."""
-        with self._cv:
+        with self._lock:
             self._streams.pop(request_id, None)
-            pending = [a for a in self._adds if a.request_id == request_id]
-            if pending:  # never reached the engine
-                self._adds.remove(pending[0])
-            else:
-                self._aborts.append(request_id)
-            self._cv.notify()
+            final = self._forget(request_id, abort=True)
+        if final is not None:
+            self._observe([final])
+
+    def _forget(self, request_id: str, abort: bool) -> Optional[RequestOutput]:
+        """Drop an unfinished request here (under the lock), aborting it in its core."""
+        engine = self._engine_of.pop(request_id, None)
+        if engine is None:
+            return None
+        self._load[engine] -= 1
+        seq_ids = self.output_processor.sequence_ids(request_id)
+        final = self.output_processor.finish(request_id, "abort")
+        if abort and self._dead is None:
+            self.client.finish_requests(seq_ids, engine)
+        return final
 
     def abort_all(self, error: BaseException) -> int:
         """Abort every request in flight, raising `error` to their consumers; returns how many."""
-        with self._cv:
+        with self._lock:
             streams, self._streams = self._streams, {}
-            self._adds.clear()
-            self._aborts.extend(streams)
-            self._cv.notify()
+            finals = [self._forget(rid, abort=True) for rid in list(self._engine_of)]
+        self._observe([f for f in finals if f is not None])
         _deliver([(s, error) for s in streams.values()])
         return len(streams)
 
+    def stop_accepting(self) -> None:
+        """Refuse new requests (503); those in flight carry on (a graceful drain)."""
+        with self._lock:
+            self._stopping = True
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._engine_of)
+
     def begin_shutdown(self) -> None:
         """Refuse new requests and abort those in flight (their clients get an error, not a hang)."""
-        with self._cv:
-            self._stopping = True
+        self.stop_accepting()
         n = self.abort_all(EngineShutdownError("the server is shutting down; the request was aborted"))
         if n:
             logger.info("shutdown: aborted %d in-flight request(s)", n)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.begin_shutdown()
-        with self._cv:
-            self._exit = True
-            self._cv.notify()
+        self._exit = True
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        self.client.shutdown(timeout)
 
-    def get_stats(self) -> EngineStats:
-        return self._stats  # a snapshot, replaced (never mutated) by the engine thread
+    def reset_prefix_cache(self) -> None:
+        self.client.call_utility("reset_prefix_cache")
+
+    def get_stats(self) -> SchedulerStats:
+        """Totals over every engine core, as of each one's last step."""
+        return sum_stats(self._stats) if len(self._stats) > 1 else self._stats[0]
+
+    def get_engine_stats(self) -> list[SchedulerStats]:
+        return list(self._stats)
 
     @property
     def is_healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive()
 
-    # -- the engine thread ---------------------------------------------------------
-    def _run(self, build: Callable[[], LLMEngine], built: threading.Event) -> None:
-        try:
-            self.engine = build()
-            self._stats: EngineStats = self.engine.get_stats()
-        except BaseException as e:
-            self._build_error = e
-            return
-        finally:
-            built.set()
-        try:
-            self._loop()
-        except BaseException as e:  # a bug in the loop itself: fail loudly, refuse new work
-            logger.exception("engine loop died")
-            self._dead = e
-            self.abort_all(EngineDeadError(f"the engine loop died: {e}"))
-
-    def _loop(self) -> None:
+    # -- the output thread -------------------------------------------------------
+    def _run_output_loop(self) -> None:
         stats_logger = _StatsLogger(self.log_stats_interval)
-        while True:
-            with self._cv:
-                while not (self._adds or self._aborts or self._exit or self.engine.has_unfinished_requests()):
-                    self._cv.wait(timeout=self.log_stats_interval or None)
-                    stats_logger.maybe_log(self._stats)
-                if self._exit and not (self._adds or self._aborts or self.engine.has_unfinished_requests()):
-                    return
-                aborts, self._aborts = self._aborts, []
-                adds, self._adds = self._adds, []
-                outputs: list[RequestOutput] = []
-                for rid in aborts:
-                    if rid in self._in_engine:
-                        outputs.extend(self.engine.abort_request(rid))
-                failed = []
-                for a in adds:
-                    try:
-                        self.engine.add_request(a.request_id, a.prompt, a.params, a.arrival_time)
-                        self._in_engine.add(a.request_id)
-                    except Exception as e:  # validated already; whatever is left is the caller's fault
-                        failed.append((self._streams.pop(a.request_id, None), e))
-                self._num_waiting = len(self.engine.scheduler.waiting)
-            _deliver([(s, e) for s, e in failed if s is not None])
-            if self.engine.has_unfinished_requests():
-                try:
-                    outputs.extend(self.engine.step())
-                except Exception as e:
-                    self._fail_in_flight(e)
-            self._dispatch(outputs)
-            with self._cv:
-                self._num_waiting = len(self.engine.scheduler.waiting)
-            self._stats = self.engine.get_stats()
-            stats_logger.maybe_log(self._stats)
+        while not self._exit:
+            try:
+                outs = self.client.get_output(timeout=0.2)
+            except EngineDeadError as e:
+                if not self._exit:
+                    self._die(e)
+                return
+            except Exception as e:  # a bug here: fail loudly rather than hang every stream
+                logger.exception("output thread died")
+                self._die(e)
+                return
+            if outs is not None:
+                self._handle_outputs(outs)
+            stats_logger.maybe_log(self.get_stats())
 
-    def _fail_in_flight(self, error: Exception) -> None:
-        ids = sorted(self._in_engine)
-        logger.exception("engine step failed; failing %d in-flight request(s): %s", len(ids), error)
-        with self._cv:
-            streams = [self._streams.pop(rid) for rid in ids if rid in self._streams]
-        _deliver([(s, EngineStepError(f"the engine failed while running this request: "
-                                      f"{type(error).__name__}: {error}")) for s in streams])
-        try:  # free their blocks; if even that fails the engine is broken for good
-            self._dispatch(self.engine.abort_request(ids))
-        except Exception as e:
-            raise RuntimeError(f"cannot recover from a failed step: {e}") from error
-        self._in_engine.difference_update(ids)
+    def _handle_outputs(self, outs: EngineCoreOutputs) -> None:
+        failed, deliveries = [], []
+        with self._lock:
+            if outs.stats is not None:
+                self._stats[outs.engine_index] = outs.stats
+                self._added_since_stats[outs.engine_index] = 0
+            normal = outs.outputs
+            if outs.error is not None:
+                normal = [o for o in outs.outputs if o.finish_reason != "error"]
+                for o in outs.outputs:
+                    rid = self.output_processor.owner(o.request_id)
+                    if o.finish_reason == "error" and rid is not None:
+                        failed.append((self._streams.pop(rid, None), self._forget(rid, abort=True)))
+            outputs, stopped = self.output_processor.process_outputs(normal)
+            if stopped:  # stop strings: the text is final, free the sequences' blocks now
+                self.client.finish_requests(stopped, outs.engine_index, stopped=True)
+            for out in outputs:
+                if out.finished:
+                    engine = self._engine_of.pop(out.request_id, None)
+                    if engine is not None:
+                        self._load[engine] -= 1
+                    stream = self._streams.pop(out.request_id, None)
+                else:
+                    stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    deliveries.append((stream, out))
+        if failed:
+            error = EngineStepError(f"the engine failed while running this request: {outs.error}")
+            logger.error("engine step failed; failed %d in-flight request(s): %s", len(failed), outs.error)
+            deliveries += [(s, error) for s, _ in failed if s is not None]
+            outputs = outputs + [f for _, f in failed if f is not None]
+        self._observe(outputs)
+        _deliver(deliveries)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        if not outputs:
-            return
+    def _observe(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             for observe in self.output_observers:
                 try:
                     observe(out)
                 except Exception:  # metrics must never take the engine down
                     logger.exception("output observer failed")
-            if out.finished:
-                self._in_engine.discard(out.request_id)
-                if self.log_requests:
-                    _log_finished(out)
-        with self._cv:
-            batch = []
-            for out in outputs:
-                stream = self._streams.pop(out.request_id, None) if out.finished else \
-                    self._streams.get(out.request_id)
-                if stream is not None:
-                    batch.append((stream, out))
-        _deliver(batch)
+            if out.finished and self.log_requests:
+                _log_finished(out)
+
+    def _die(self, error: BaseException) -> None:
+        logger.error("engine died: %s; failing every request in flight", error)
+        self._dead = error
+        self.abort_all(EngineDeadError(f"the engine has stopped: {error}"))
+        for callback in self.on_dead:
+            try:
+                callback(error)
+            except Exception:
+                logger.exception("on_dead callback failed")
 
 
 def _merge(older: RequestOutput, newer: Union[RequestOutput, BaseException]) -> Union[RequestOutput, BaseException]:
@@ -402,4 +425,4 @@ class _StatsLogger:
 
 
 __all__ = ["AsyncLLM", "RequestStream", "EngineOverloadedError", "EngineShutdownError", "EngineStepError",
-           "EngineDeadError", "PromptError"]
+           "EngineDeadError", "EngineStats", "PromptError"]

@@ -1,9 +1,10 @@
-"""OutputProcessor: turns the tokens each step produced into text and RequestOutputs.
+"""OutputProcessor: turns the engine core's new tokens into text and RequestOutputs (frontend side).
 
 It owns everything text-level: incremental detokenization, stop strings (matched on
 the text, so a stop split across tokens is found; text that might still become part
 of a stop is held back from streams), and gathering the sequences of an n > 1
-request into one RequestOutput (best_of keeps the n best by cumulative logprob).
+request into one RequestOutput (best_of keeps the n best by cumulative logprob): the
+parent request of its sequences, which the core runs as forks of one prompt.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from freight.core.request import Request, RequestStatus
 from freight.engine.detokenizer import IncrementalDetokenizer
+from freight.engine.messages import EngineCoreOutput
 from freight.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from freight.sampling_params import SamplingParams
-from freight.worker.model_runner import Logprobs, ModelRunnerOutput
+
+Logprobs = dict[int, float]  # token id -> logprob: the chosen token first, then the top-k
 
 
 @dataclass
@@ -31,6 +33,7 @@ class _SequenceState:
     stop_reason: int | str | None = None
     sent_chars: int = 0
     sent_tokens: int = 0
+    last_delta: int = 0  # characters the last tokens added
 
     def check_stop_strings(self, params: SamplingParams, new_chars: int) -> bool:
         """Cut the text at the first stop string that the new characters complete."""
@@ -71,17 +74,16 @@ class OutputProcessor:
         self.states: dict[str, _RequestState] = {}
         self.seq_owner: dict[str, str] = {}  # sequence id -> request id
 
-    def add_request(self, request_id: str, seqs: list[Request], prompt: Optional[str]) -> None:
-        first = seqs[0]
-        params = first.sampling_params
+    def add_request(self, request_id: str, seq_ids: list[str], prompt: Optional[str], prompt_token_ids: list[int],
+                    params: SamplingParams, arrival_time: float) -> None:
         self.states[request_id] = _RequestState(
-            request_id=request_id, prompt=prompt, prompt_token_ids=first.prompt_token_ids, params=params,
-            seqs={s.request_id: _SequenceState(
-                i, IncrementalDetokenizer(self.tokenizer, first.prompt_token_ids, params.skip_special_tokens))
-                for i, s in enumerate(seqs)},
-            metrics=RequestMetrics(arrival_time=first.arrival_time))
-        for s in seqs:
-            self.seq_owner[s.request_id] = request_id
+            request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
+            seqs={sid: _SequenceState(
+                i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens))
+                for i, sid in enumerate(seq_ids)},
+            metrics=RequestMetrics(arrival_time=arrival_time))
+        for sid in seq_ids:
+            self.seq_owner[sid] = request_id
 
     def sequence_ids(self, request_id: str) -> list[str]:
         st = self.states.get(request_id)
@@ -90,50 +92,62 @@ class OutputProcessor:
     def in_use(self, ids: list[str]) -> bool:
         return any(i in self.states or i in self.seq_owner for i in ids)
 
-    def process(self, updated: list[Request], runner_out: Optional[ModelRunnerOutput],
-                finished: list[Request]) -> tuple[list[RequestOutput], list[str]]:
+    def owner(self, seq_id: str) -> Optional[str]:
+        return self.seq_owner.get(seq_id)
+
+    def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """RequestOutputs for requests that progressed, and the sequences stop strings ended."""
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
         stopped: list[str] = []
-        if runner_out is not None:
-            for seq_id, lps in runner_out.prompt_logprobs.items():
-                if seq_id in self.seq_owner:
-                    self.states[self.seq_owner[seq_id]].prompt_logprobs.extend(lps)
-        for req in updated:
-            rid = self.seq_owner.get(req.request_id)
+        for o in core_outputs:
+            rid = self.seq_owner.get(o.request_id)
             if rid is None:
-                continue
+                continue  # aborted here while the core was still running it
             st = touched[rid] = self.states[rid]
-            seq = st.seqs[req.request_id]
-            if seq.finish_reason is not None:
-                continue
-            tok = runner_out.sampled[req.request_id]
-            seq.token_ids.append(tok.token_id)
-            seq.cumulative_logprob += tok.logprob
-            if st.params.logprobs is not None:
-                seq.logprobs.append(tok.top_logprobs)
-            # As in vLLM, the token that stopped the sequence (eos or stop_token_ids) adds no text
-            # unless include_stop_str_in_output; it stays in token_ids.
-            stop_token = req.status == RequestStatus.FINISHED_STOPPED and not st.params.include_stop_str_in_output
-            delta = "" if stop_token else seq.detokenizer.step(tok.token_id)
-            seq.text += delta
-            if seq.check_stop_strings(st.params, len(delta)):
-                stopped.append(req.request_id)
-            if st.metrics.first_token_time is None:
-                st.metrics.first_token_time = now
-                st.metrics.first_scheduled_time = req.first_scheduled_time
-                st.num_cached_tokens = max(req.num_cached_tokens, 0)
-            st.metrics.last_token_time = now
-        for req in finished:
-            rid = self.seq_owner.get(req.request_id)
-            if rid is None:
-                continue
-            st = touched[rid] = self.states[rid]
-            seq = st.seqs[req.request_id]
+            if o.new_prompt_logprobs is not None:
+                st.prompt_logprobs.extend(o.new_prompt_logprobs.to_dicts())
+            seq = st.seqs[o.request_id]
+            if o.new_token_ids and seq.finish_reason is None:
+                self._add_tokens(st, seq, o, now)
+                if seq.check_stop_strings(st.params, seq.last_delta):
+                    stopped.append(o.request_id)
+            if o.finish_reason is not None and seq.finish_reason is None:
+                seq.finish_reason, seq.stop_reason = o.finish_reason, o.stop_reason
+        return self._outputs(touched, now), stopped
+
+    def _add_tokens(self, st: _RequestState, seq: _SequenceState, o: EngineCoreOutput, now: float) -> None:
+        seq.token_ids.extend(o.new_token_ids)
+        seq.cumulative_logprob += sum(o.new_sampled_logprobs)
+        if st.params.logprobs is not None and o.new_logprobs is not None:
+            seq.logprobs.extend(o.new_logprobs.to_dicts())
+        # As in vLLM, the token that stopped the sequence (eos or stop_token_ids) adds no text
+        # unless include_stop_str_in_output; it stays in token_ids.
+        stop_token = o.finish_reason == "stop" and not st.params.include_stop_str_in_output
+        delta = ""
+        for i, tok in enumerate(o.new_token_ids):
+            if not (stop_token and i == len(o.new_token_ids) - 1):
+                delta += seq.detokenizer.step(tok)
+        seq.text += delta
+        seq.last_delta = len(delta)
+        if st.metrics.first_token_time is None:
+            st.metrics.first_token_time = now
+            st.metrics.first_scheduled_time = o.first_scheduled_time
+            st.num_cached_tokens = o.num_cached_tokens
+        st.metrics.last_token_time = now
+
+    def finish(self, request_id: str, reason: str = "abort") -> Optional[RequestOutput]:
+        """End a request here (an abort, or an engine failure): its final output, None if unknown."""
+        st = self.states.get(request_id)
+        if st is None:
+            return None
+        for seq in st.seqs.values():
             if seq.finish_reason is None:
-                seq.finish_reason = req.status.value
-                seq.stop_reason = req.stop_reason
+                seq.finish_reason = reason
+        outs = self._outputs({request_id: st}, time.monotonic())
+        return outs[0] if outs else None
+
+    def _outputs(self, touched: dict[str, _RequestState], now: float) -> list[RequestOutput]:
         outputs = []
         for rid, st in touched.items():
             out = self._make_output(st, now)
@@ -143,7 +157,7 @@ class OutputProcessor:
                 del self.states[rid]
                 for seq_id in st.seqs:
                     self.seq_owner.pop(seq_id, None)
-        return outputs, stopped
+        return outputs
 
     def _make_output(self, st: _RequestState, now: float) -> Optional[RequestOutput]:
         finished = st.finished

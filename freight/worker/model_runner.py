@@ -1,37 +1,25 @@
-"""ModelRunner: owns the model weights and the KV cache tensors, runs one step."""
+"""ModelRunner: owns the model weights and the KV cache tensors, runs one step.
+
+It takes a plain-data SchedulerOutput, keeps each request's state (token history,
+generator, penalty counts, block table) in its persistent InputBatch, and returns a
+plain-data ModelRunnerOutput. It never sees the scheduler's objects.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from freight.core.scheduler import SchedulerOutput
 from freight.layers.attention import kv_cache_shape, needs_zeroed_cache
 from freight.model_config import ModelConfig
-from freight.worker.input_batch import ModelInput, build_model_input
+from freight.step_contract import LogprobsLists, ModelRunnerOutput, SchedulerOutput
+from freight.worker.input_batch import InputBatch, ModelInput, build_model_input
 from freight.worker.kv_prefault import prefault_in_background
 from freight.worker.sampler import Sampler
 from freight.worker.sampling_tensors import SamplingTensors
 
 logger = logging.getLogger(__name__)
-
-Logprobs = dict[int, float]  # token id -> logprob: the chosen token first, then the top-k
-
-
-@dataclass
-class SampledToken:
-    token_id: int
-    logprob: float
-    top_logprobs: Optional[Logprobs] = None  # when the request asked for logprobs
-
-
-@dataclass
-class ModelRunnerOutput:
-    sampled: dict[str, SampledToken] = field(default_factory=dict)
-    prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)  # this step's prompt positions
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -39,19 +27,18 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
-def _logprob_dicts(chosen: list[int], chosen_lp: list[float], top_ids, top_lps, ks: list[int]) -> list[Logprobs]:
-    out = []
+def _logprobs_lists(chosen: list[int], chosen_lp: list[float], top_ids, top_lps, ks: list[int]) -> LogprobsLists:
+    """One row per position: the chosen token first, then its k best."""
+    ids, lps = [], []
     for i, (tok, lp, k) in enumerate(zip(chosen, chosen_lp, ks)):
-        d = {tok: lp}
-        if k > 0:
-            d.update(zip(top_ids[i][:k], top_lps[i][:k]))
-        out.append(d)
-    return out
+        ids.append([tok] + (top_ids[i][:k] if k > 0 else []))
+        lps.append([lp] + (top_lps[i][:k] if k > 0 else []))
+    return LogprobsLists(ids, lps)
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 block_size: int, num_blocks: int, seed: int):
+                 block_size: int, num_blocks: int, seed: int, max_num_seqs: int, max_model_len: int):
         self.model = model
         self.cfg = cfg
         self.device = device
@@ -68,18 +55,9 @@ class ModelRunner:
         if not self._zero_on_first_use:
             prefault_in_background([t for pair in self.kv_caches for t in pair])
         self.sampler = Sampler(seed, device)
-        self.generators: dict[str, torch.Generator] = {}
+        self.batch = InputBatch(max_num_seqs, -(-max_model_len // block_size), cfg.vocab_size, device)
 
-    def _generator(self, req) -> Optional[torch.Generator]:
-        seed = req.sampling_params.seed
-        if seed is None:
-            return None
-        g = self.generators.get(req.request_id)
-        if g is None:
-            g = self.generators[req.request_id] = torch.Generator(device=self.device)
-            g.manual_seed(seed)
-        return g
-
+    # -- the step -----------------------------------------------------------------
     def _zero_new_blocks(self, max_block_id: int) -> None:
         if max_block_id < self._zeroed_blocks:
             return
@@ -98,17 +76,18 @@ class ModelRunner:
             v[:, dst] = v[:, src]
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        for rid in out.finished_request_ids:
-            self.generators.pop(rid, None)
-        result = ModelRunnerOutput()
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self.batch.update_states(out)
+        result = ModelRunnerOutput(req_ids=[], sampled_token_ids=[], sampled_logprobs=[], logprobs={},
+                                   prompt_logprobs={})
         if out.is_empty:
             return result
         if self._zero_on_first_use:
-            self._zero_new_blocks(max(max(s.block_ids) for s in out.scheduled))
+            # (stale entries past a row's table are old block ids: at worst this zeroes ahead)
+            self._zero_new_blocks(int(self.batch.block_table[:self.batch.num_reqs].max()))
         if out.block_copies:
             self._copy_blocks(out.block_copies)
-        inp = build_model_input(out, self.block_size, self.device)
+        inp = build_model_input(self.batch, out, self.block_size, self.device)
         logits = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn, inp.logits_indices)
         n = len(inp.sampling)
         if n:
@@ -118,33 +97,35 @@ class ModelRunner:
         return result
 
     def _sample(self, logits: torch.Tensor, inp: ModelInput, result: ModelRunnerOutput) -> None:
-        reqs = inp.sampling
-        st = SamplingTensors.from_requests(reqs, [self._generator(r) for r in reqs], self.cfg.vocab_size,
-                                           self.device)
+        states = inp.sampling
+        st = SamplingTensors.from_requests(states, [s.generator for s in states], self.cfg.vocab_size, self.device)
         so = self.sampler(logits, st)
         token_ids = so.token_ids.tolist()
         logprobs = so.logprobs.tolist()
-        tops = None
-        if so.top_token_ids is not None:
-            ks = [r.sampling_params.logprobs or 0 for r in reqs]
-            tops = _logprob_dicts(token_ids, logprobs, so.top_token_ids.tolist(), so.top_logprobs.tolist(), ks)
-        for i, req in enumerate(reqs):
-            tok = SampledToken(token_ids[i], logprobs[i])
-            if req.sampling_params.logprobs is not None:
-                tok.top_logprobs = tops[i] if tops is not None else {token_ids[i]: logprobs[i]}
-            result.sampled[req.request_id] = tok
+        top_ids = so.top_token_ids.tolist() if so.top_token_ids is not None else None
+        top_lps = so.top_logprobs.tolist() if so.top_logprobs is not None else None
+        for i, s in enumerate(states):
+            tok, k = token_ids[i], s.sampling_params.logprobs
+            result.req_ids.append(s.req_id)
+            result.sampled_token_ids.append([tok])
+            result.sampled_logprobs.append([logprobs[i]])
+            if k is not None:
+                result.logprobs[s.req_id] = _logprobs_lists(
+                    [tok], [logprobs[i]], [top_ids[i]] if top_ids else None, [top_lps[i]] if top_lps else None, [k])
+            s.append_token(tok)
+            s.fork_of = None
 
     def _prompt_logprobs(self, logits: torch.Tensor, inp: ModelInput, result: ModelRunnerOutput) -> None:
         lps = torch.log_softmax(logits.float(), dim=-1)
         row = 0
         for pr in inp.prompt_rows:
-            ids = pr.request.prompt_token_ids
+            ids = pr.state.prompt_token_ids
             part = lps[row:row + pr.count]
             row += pr.count
             targets = torch.tensor(ids[pr.first_position + 1:pr.first_position + 1 + pr.count], device=self.device)
             chosen = part.gather(1, targets[:, None]).squeeze(1).tolist()
-            k = pr.request.sampling_params.prompt_logprobs
+            k = pr.state.sampling_params.prompt_logprobs
             top_lp, top_ids = part.topk(k, dim=-1) if k > 0 else (None, None)
-            result.prompt_logprobs[pr.request.request_id] = _logprob_dicts(
+            result.prompt_logprobs[pr.state.req_id] = _logprobs_lists(
                 targets.tolist(), chosen, top_ids.tolist() if k > 0 else None,
                 top_lp.tolist() if k > 0 else None, [k] * pr.count)

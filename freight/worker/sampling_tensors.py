@@ -2,6 +2,9 @@
 
 Built once per step from the rows to sample; a group of optional tensors stays None
 when no row in the batch uses that feature, so plain greedy batches pay for nothing.
+Rows are any objects with `sampling_params`, `prompt_token_ids`, `output_token_ids` and
+`eos_token_ids` (the runner's CachedRequestState); penalties read a request's
+TokenCounts, which the runner updates one token at a time instead of recounting.
 """
 
 from __future__ import annotations
@@ -11,7 +14,33 @@ from typing import Optional
 
 import torch
 
-from freight.core.request import Request
+
+
+class TokenCounts:
+    """A request's token statistics over the vocabulary, kept up to date token by token."""
+
+    def __init__(self, prompt_ids: list[int], output_ids: list[int], vocab_size: int, device) -> None:
+        self.vocab_size = vocab_size
+        self.output_counts = _scatter_rows([output_ids], vocab_size, device, torch.float32)[0]
+        # repetition penalty's set: prompt or output
+        self.seen = (_scatter_rows([prompt_ids], vocab_size, device, torch.float32)[0] > 0) | (self.output_counts > 0)
+
+    def add(self, token_id: int) -> None:
+        if token_id < self.vocab_size:
+            self.output_counts[token_id] += 1
+            self.seen[token_id] = True
+
+
+def token_counts(req, vocab_size: int, device) -> TokenCounts:
+    counts = getattr(req, "token_counts", None)
+    if counts is None:
+        counts = TokenCounts(req.prompt_token_ids, req.output_token_ids, vocab_size, device)
+    return counts
+
+
+def _num_outputs(req) -> int:
+    n = getattr(req, "num_output_tokens", None)
+    return n if n is not None else len(req.output_token_ids)
 
 
 @dataclass
@@ -38,7 +67,7 @@ class SamplingTensors:
     max_num_logprobs: int                # largest top-k logprobs any row asked for (-1: none)
 
     @classmethod
-    def from_requests(cls, reqs: list[Request], generators: list[Optional[torch.Generator]],
+    def from_requests(cls, reqs: list, generators: list[Optional[torch.Generator]],
                       vocab_size: int, device: torch.device) -> "SamplingTensors":
         params = [r.sampling_params for r in reqs]
         greedy = [p.greedy for p in params]
@@ -76,13 +105,14 @@ def _scatter_rows(rows_of_ids: list[list[int]], vocab_size: int, device, dtype) 
     return out
 
 
-def _penalties(reqs: list[Request], vocab_size: int, device) -> Penalties:
+def _penalties(reqs: list, vocab_size: int, device) -> Penalties:
     params = [r.sampling_params for r in reqs]
-    counts = _scatter_rows([r.output_token_ids for r in reqs], vocab_size, device, torch.float32)
-    rep = [p.repetition_penalty != 1.0 for p in params]
-    seen = _scatter_rows([r.prompt_token_ids if use else [] for r, use in zip(reqs, rep)],
-                         vocab_size, device, torch.float32) > 0
-    seen |= counts > 0
+    zeros = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    stats = [token_counts(r, vocab_size, device) if p.uses_penalties else None for r, p in zip(reqs, params)]
+    counts = torch.stack([s.output_counts if s is not None else zeros for s in stats])
+    # The prompt counts for the repetition penalty only: a presence penalty alone looks at the output.
+    seen = torch.stack([(s.seen if p.repetition_penalty != 1.0 else s.output_counts > 0) if s is not None
+                        else zeros > 0 for s, p in zip(stats, params)])
     return Penalties(
         repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device),
         presence=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device),
@@ -90,7 +120,7 @@ def _penalties(reqs: list[Request], vocab_size: int, device) -> Penalties:
         output_counts=counts, seen=seen)
 
 
-def _logit_bias(reqs: list[Request], vocab_size: int, device) -> torch.Tensor:
+def _logit_bias(reqs: list, vocab_size: int, device) -> torch.Tensor:
     bias = torch.zeros(len(reqs), vocab_size, dtype=torch.float32, device=device)
     for i, r in enumerate(reqs):
         for tok, b in (r.sampling_params.logit_bias or {}).items():
@@ -99,12 +129,12 @@ def _logit_bias(reqs: list[Request], vocab_size: int, device) -> torch.Tensor:
     return bias
 
 
-def _min_tokens_ban(reqs: list[Request], vocab_size: int, device) -> Optional[torch.Tensor]:
+def _min_tokens_ban(reqs: list, vocab_size: int, device) -> Optional[torch.Tensor]:
     """While a request has fewer than min_tokens outputs, its eos and stop ids may not be sampled."""
     rows = []
     for r in reqs:
         p = r.sampling_params
-        if len(r.output_token_ids) < p.min_tokens:
+        if _num_outputs(r) < p.min_tokens:
             rows.append(list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids)))
         else:
             rows.append([])

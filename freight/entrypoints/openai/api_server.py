@@ -1,23 +1,28 @@
 """The OpenAI-compatible HTTP server: FastAPI app, API-key check, uvicorn with a clean shutdown.
 
-The model is loaded before the port opens (a listening server is a ready server).
-On SIGTERM/SIGINT the listening sockets close first, then every in-flight request is
-aborted (its client gets an error, not a cut connection), uvicorn lets the responses
-finish, the engine thread stops and the process exits 0.
+The engine core(s) start in their own processes and the model is loaded before the
+port opens (a listening server is a ready server). On SIGTERM/SIGINT the listening
+sockets close first and new requests get 503; in-flight requests run to completion
+for up to --graceful-shutdown-timeout seconds, then whatever is left is aborted (its
+client gets an error, not a cut connection); the engine cores stop and the process
+exits 0. If an engine core dies, every request in flight gets an error at once,
+/health answers 503, and the server exits 1 a moment later.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
 import secrets
 import signal
 import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -81,10 +86,9 @@ class APIKeyMiddleware:
 
 def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     """The app around a running AsyncLLM; `args` is the serve Namespace or a ServerSettings."""
-    settings = args if isinstance(args, ServerSettings) else ServerSettings.from_args(
-        args, async_llm.engine.config.model)
+    settings = args if isinstance(args, ServerSettings) else ServerSettings.from_args(args, async_llm.config.model)
     names = settings.served_model_names
-    metrics = ServerMetrics(names[0], async_llm.get_stats)
+    metrics = ServerMetrics(names[0], async_llm.get_engine_stats)
     async_llm.output_observers.append(metrics.observe)
     completion = OpenAIServingCompletion(async_llm, names)
     chat = OpenAIServingChat(async_llm, names)
@@ -144,15 +148,25 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, plus: abort in-flight requests at shutdown, and exit 0 after a signal.
+    """uvicorn's server, plus: a graceful drain of the engine, exit 0 after a signal, and exit 1
+    (after a short linger with /health at 503) when an engine core dies.
 
     uvicorn re-raises the signal once it has shut down gracefully (so the process dies
     of it); a server that stopped cleanly on request should simply exit 0.
     """
 
-    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]):
+    DEAD_LINGER_S = 1.0  # let error responses flush and health checks see the 503
+
+    def __init__(self, config: uvicorn.Config, async_llm: AsyncLLM, drain_timeout: float):
         super().__init__(config)
-        self._on_shutdown = on_shutdown
+        self.async_llm = async_llm
+        self.drain_timeout = drain_timeout
+        self.engine_died = False
+        async_llm.on_dead.append(self._on_engine_dead)
+
+    def _on_engine_dead(self, error: BaseException) -> None:  # on the engine's output thread
+        self.engine_died = True
+        threading.Timer(self.DEAD_LINGER_S, lambda: setattr(self, "should_exit", True)).start()
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -167,9 +181,16 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     async def shutdown(self, sockets=None) -> None:
-        for server in self.servers:  # stop accepting before aborting, so nothing new slips in
+        for server in self.servers:  # stop accepting before draining, so nothing new slips in
             server.close()
-        self._on_shutdown()
+        self.async_llm.stop_accepting()
+        deadline = time.monotonic() + self.drain_timeout
+        if self.async_llm.num_in_flight:
+            logger.info("draining %d in-flight request(s) for up to %.0fs", self.async_llm.num_in_flight,
+                        self.drain_timeout)
+        while self.async_llm.num_in_flight and time.monotonic() < deadline and not self.force_exit:
+            await asyncio.sleep(0.05)
+        self.async_llm.begin_shutdown()  # aborts what is left, with an error its client sees
         await super().shutdown(sockets)
 
 
@@ -177,21 +198,24 @@ def run_server(args: argparse.Namespace) -> int:
     from freight.cli.engine_args import engine_config_from_args
 
     config = engine_config_from_args(args)
-    async_llm = AsyncLLM.from_engine_config(config, max_waiting=args.max_waiting_requests,
-                                            log_stats_interval=args.log_stats_interval,
-                                            log_requests=not args.disable_log_requests)
+    async_llm = AsyncLLM(config, data_parallel_size=args.data_parallel_size, max_waiting=args.max_waiting_requests,
+                         log_stats_interval=args.log_stats_interval, log_requests=not args.disable_log_requests)
     try:
         settings = ServerSettings.from_args(args, config.model)
         app = build_app(async_llm, settings)
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                                        access_log=not args.disable_uvicorn_access_log,
-                                        timeout_graceful_shutdown=args.graceful_shutdown_timeout,
-                                        timeout_keep_alive=5),
-                         on_shutdown=async_llm.begin_shutdown)
-        logger.info("serving %s as %s on http://%s:%d%s", config.model, ", ".join(settings.served_model_names),
-                    args.host, args.port, " (API key required)" if settings.api_key else "")
+                                       access_log=not args.disable_uvicorn_access_log,
+                                       timeout_graceful_shutdown=args.graceful_shutdown_timeout,
+                                       timeout_keep_alive=5),
+                         async_llm, drain_timeout=args.graceful_shutdown_timeout)
+        logger.info("serving %s as %s on http://%s:%d%s%s", config.model, ", ".join(settings.served_model_names),
+                    args.host, args.port, " (API key required)" if settings.api_key else "",
+                    f" with {args.data_parallel_size} engine cores" if args.data_parallel_size > 1 else "")
         server.run()
     finally:
         async_llm.shutdown()
+    if server.engine_died:
+        logger.error("server stopped: the engine died")
+        return 1
     logger.info("server stopped")
     return 0 if server.started else 1

@@ -27,7 +27,7 @@ class OpenAIServingTokenization(OpenAIServing):
 
     def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(req.model)
-        vocab = self.engine.engine.model_config.vocab_size
+        vocab = self.engine.processor.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens",

@@ -1,0 +1,117 @@
+"""EngineCore: schedule -> execute -> update, on plain data.
+
+It owns the scheduler and KV cache manager and calls an Executor; requests come in as
+EngineCoreRequests (token ids, SamplingParams) and leave as EngineCoreOutputs (new
+token ids, logprobs, finish reasons). Text never reaches it. The offline LLM calls it
+in-process; the server runs it in its own process (core_proc.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from freight.config import EngineConfig
+from freight.core.kv_cache_manager import KVCacheManager
+from freight.core.request import Request, RequestStatus
+from freight.core.scheduler import Scheduler, SchedulerConfig
+from freight.core.stats import SchedulerStats
+from freight.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+from freight.executor.executor import Executor
+from freight.model_config import ModelConfig
+from freight.model_loader import resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCHED_TOKENS = 2048
+
+
+def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig, capacity: int) -> int:
+    """max_model_len as asked (checked against the model and the KV cache's capacity in tokens)."""
+    limit = model_config.max_position_embeddings
+    asked = config.max_model_len
+    if asked is not None and asked > limit:
+        raise ValueError(f"max_model_len={asked} is larger than the model's max_position_embeddings ({limit})")
+    length = asked or limit
+    if length > capacity:
+        if asked is not None:
+            raise ValueError(f"max_model_len={asked} needs more KV cache than kv_cache_memory gives "
+                             f"({capacity} tokens); raise kv_cache_memory or lower max_model_len")
+        logger.warning("max_model_len lowered from %d to %d tokens to fit the KV cache", length, capacity)
+        length = capacity
+    return length
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, engine_index: int = 0):
+        self.config = config
+        self.engine_index = engine_index
+        model_dir = resolve_model_dir(config.model, config.revision)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.executor = Executor.create(config, model_dir, self.model_config)
+        num_blocks = self.executor.determine_num_blocks()
+        self.max_model_len = resolve_max_model_len(config, self.model_config, num_blocks * config.block_size)
+        self.executor.initialize_cache(num_blocks, self.max_model_len)
+        max_batched = config.max_num_batched_tokens or (
+            DEFAULT_BATCHED_TOKENS if config.enable_chunked_prefill
+            else max(self.max_model_len, DEFAULT_BATCHED_TOKENS))
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_batched, self.max_model_len,
+                                                   config.enable_chunked_prefill), self.kv_cache)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d, max_num_batched_tokens %d",
+                    num_blocks, config.block_size, num_blocks * self.executor.kv_bytes_per_block() / 2**20,
+                    self.max_model_len, max_batched)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.pool.num_blocks
+
+    # -- requests ---------------------------------------------------------------
+    def add_request(self, req: EngineCoreRequest) -> None:
+        params = req.sampling_params
+        eos = frozenset(req.eos_token_ids)
+        seqs = [Request(request_id=sid, prompt_token_ids=req.prompt_token_ids, sampling_params=params.for_sample(i),
+                        max_tokens=req.max_tokens, eos_token_ids=eos, arrival_time=req.arrival_time)
+                for i, sid in enumerate([req.request_id, *req.fork_ids])]
+        seqs[0].pending_forks = seqs[1:]
+        self.scheduler.add_request(seqs[0])
+
+    def finish_requests(self, request_ids: Iterable[str], stopped: bool = False) -> list[str]:
+        """Abort sequences (or end them for a stop string); returns the ids that were still unfinished."""
+        status = RequestStatus.FINISHED_STOPPED if stopped else RequestStatus.FINISHED_ABORTED
+        return [r.request_id for r in self.scheduler.finish_requests(request_ids, status)]
+
+    def abort_all(self) -> list[str]:
+        return self.finish_requests(list(self.scheduler.requests))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- the step -----------------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        sched_out = self.scheduler.schedule()
+        runner_out = self.executor.execute_model(sched_out)
+        updated = self.scheduler.update_from_output(sched_out, runner_out)
+        sampled = dict(zip(runner_out.req_ids, zip(runner_out.sampled_token_ids, runner_out.sampled_logprobs)))
+        outputs = []
+        for req, n in updated:
+            tokens, lps = sampled[req.request_id]
+            outputs.append(EngineCoreOutput(
+                req.request_id, tokens[:n], lps[:n], runner_out.logprobs.get(req.request_id),
+                runner_out.prompt_logprobs.get(req.request_id),
+                req.status.value if req.status.finished else None, req.stop_reason,
+                max(req.num_cached_tokens, 0), req.first_scheduled_time))
+        seen = {r.request_id for r, _ in updated}
+        for rid, lps in runner_out.prompt_logprobs.items():  # prompt chunks that sampled nothing yet
+            if rid not in seen:
+                outputs.append(EngineCoreOutput(rid, [], [], new_prompt_logprobs=lps))
+        return EngineCoreOutputs(self.engine_index, outputs, self.make_stats())
+
+    def make_stats(self) -> SchedulerStats:
+        return self.scheduler.make_stats()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,97 @@
+"""InputProcessor: prompts and SamplingParams -> validated EngineCoreRequests (frontend side).
+
+Tokenization and every check that depends on the engine (context length, vocabulary,
+max_num_seqs, max_logprobs) happen here, before anything reaches the engine core, so
+a bad request fails its caller and never a step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Union
+
+from freight.config import EngineConfig
+from freight.engine.messages import EngineCoreRequest
+from freight.sampling_params import SamplingParams, SamplingParamsError
+
+PromptType = Union[str, list[int], dict]
+
+
+class PromptError(ValueError):
+    """A prompt the engine can never run (empty, too long, bad token ids)."""
+
+
+def sequence_ids(request_id: str, params: SamplingParams) -> list[str]:
+    """The ids of a request's sequences in the engine core: itself, or one per sample (n/best_of > 1)."""
+    n = params.n_seqs
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
+class InputProcessor:
+    def __init__(self, config: EngineConfig, tokenizer, vocab_size: int, eos_token_ids: frozenset[int],
+                 max_model_len: int):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        self.max_model_len = max_model_len
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise PromptError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise PromptError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise PromptError / SamplingParamsError for input this engine can never run."""
+        self._validate_params(params)
+        self._validate_prompt(prompt_ids)
+
+    def _validate_params(self, params: SamplingParams) -> None:
+        """Limits that depend on this engine (SamplingParams checks the rest by itself)."""
+        if params.n_seqs > self.config.max_num_seqs:
+            name = "best_of" if params.best_of else "n"
+            raise SamplingParamsError(f"{name}={params.n_seqs} is more sequences than max_num_seqs "
+                                      f"({self.config.max_num_seqs})", name)
+        limit = min(self.config.max_logprobs, self.vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > limit:
+                raise SamplingParamsError(f"{name}={k} is more than the maximum of {limit} (max_logprobs)", name)
+        vocab = self.vocab_size
+        bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if bad:
+            raise SamplingParamsError(f"logit_bias has token ids outside the vocabulary [0, {vocab}): {bad[:5]}",
+                                      "logit_bias")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise SamplingParamsError(f"stop_token_ids outside the vocabulary [0, {vocab}): {bad[:5]}",
+                                      "stop_token_ids")
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise PromptError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptError(f"the prompt is {len(ids)} tokens long, but this model's context (max_model_len) is "
+                              f"{self.max_model_len} tokens and at least one must be left to generate")
+        vocab = self.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise PromptError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
+
+    def make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     arrival_time: Optional[float] = None) -> EngineCoreRequest:
+        """The core's request for a validated prompt; its sequence ids are sequence_ids(request_id, params)."""
+        seq_ids = sequence_ids(request_id, params)
+        return EngineCoreRequest(
+            request_id=seq_ids[0], prompt_token_ids=prompt_ids, sampling_params=params,
+            eos_token_ids=self.eos_token_ids,
+            max_tokens=params.max_tokens if params.max_tokens is not None else self.max_model_len,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(), fork_ids=seq_ids[1:])

@@ -1,0 +1,52 @@
+"""Executor: the engine core's one handle on the devices.
+
+The core calls determine_num_blocks, initialize_cache and execute_model with plain
+data; how many workers there are and where they run is the executor's business. A
+multi-process tensor-parallel executor broadcasts each SchedulerOutput to its ranks
+and returns rank 0's ModelRunnerOutput, with no change to the scheduler.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from freight.config import EngineConfig
+from freight.model_config import ModelConfig
+from freight.step_contract import ModelRunnerOutput, SchedulerOutput
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Executor(ABC):
+    device: "torch.device"  # where the model runs (rank 0's, with several)
+    dtype: "torch.dtype"
+
+    def __init__(self, config: EngineConfig, model_dir: Path, model_config: ModelConfig):
+        self.config = config
+        self.model_dir = model_dir
+        self.model_config = model_config
+
+    @staticmethod
+    def create(config: EngineConfig, model_dir: Path, model_config: ModelConfig) -> "Executor":
+        from freight.executor.uniproc import UniProcExecutor
+
+        return UniProcExecutor(config, model_dir, model_config)
+
+    @abstractmethod
+    def determine_num_blocks(self) -> int:
+        """KV blocks that fit on every worker (the smallest, with several)."""
+
+    @abstractmethod
+    def kv_bytes_per_block(self) -> int: ...
+
+    @abstractmethod
+    def initialize_cache(self, num_blocks: int, max_model_len: int) -> None: ...
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,53 @@
+"""CachedRequestState: what the model runner keeps about one request between steps.
+
+Created from the step contract's NewRequestData (sent once) and kept until the request
+is in a step's finished_req_ids, including while it is preempted: its token history
+(the prompt plus every token the runner sampled for it), its seeded generator, its
+penalty counts and its block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from freight.sampling_params import SamplingParams
+from freight.worker.sampling_tensors import TokenCounts
+
+
+@dataclass(eq=False)
+class CachedRequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    generator: Optional[torch.Generator] = None
+    token_ids: list[int] = field(default_factory=list)  # prompt + outputs
+    num_prompt_logprobs_done: int = 0  # prompt positions whose logprobs were sent (survives preemption)
+    token_counts: Optional[TokenCounts] = None  # penalties' statistics, when the request uses penalties
+    fork_of: Optional[str] = None  # a fork not yet sampled: its first token comes from this request's row
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        if self.token_counts is not None:
+            self.token_counts.add(token_id)
