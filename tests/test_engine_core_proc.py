@@ -152,3 +152,53 @@ def test_data_parallel_two_engines(fresh_server, offline):  # noqa: F811
     assert metric(m, "vllm:generation_tokens_total") == 24 * len(results)
     assert metric(m, "vllm:request_success_total", finished_reason="length") == len(results)
     assert srv.stop(signal.SIGTERM) == 0
+
+
+# -- the two-process path against transformers, every architecture ------------------------------
+
+ARCHS = ["llama_gqa", "mistral_swa", "qwen2_bias", "qwen3_qknorm"]
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_core_processes_match_hf(random_model, arch, dp):
+    """Greedy tokens through AsyncLLM with the engine core(s) in their own processes equal transformers'
+    (the HTTP layer on top is architecture-independent and checked against the offline engine)."""
+    import asyncio
+
+    from freight import SamplingParams
+    from freight.config import EngineConfig
+    from freight.engine.async_llm import AsyncLLM
+    from test_parity_hf import check_outputs, random_ids, vocab_of
+
+    model_dir = random_model(arch)
+    prompts = [random_ids(n, vocab_of(model_dir), seed=n) for n in (5, 17, 33, 40)]
+    llm = AsyncLLM(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", kv_cache_memory="32MiB",
+                                num_threads=1, max_num_batched_tokens=32),
+                   data_parallel_size=dp, log_stats_interval=0, log_requests=False)
+    try:
+        async def run():
+            async def one(i, p):
+                outs = [o async for o in llm.generate({"prompt_token_ids": p},
+                                                      SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                                      f"r{i}")]
+                return outs[-1]
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+        outs = asyncio.run(run())
+        check_outputs(model_dir, prompts, outs, 12, f"{arch} dp={dp}")
+        if dp == 2:
+            assert all(s.num_steps > 0 for s in llm.get_engine_stats()), "both engine cores should have run"
+    finally:
+        llm.shutdown()
+
+
+def test_offline_data_parallel_matches_single_engine(random_model, make_llm):
+    from test_parity_hf import check_outputs, generate, greedy, random_ids, vocab_of
+
+    model_dir = random_model("llama_gqa")
+    prompts = [random_ids(n, vocab_of(model_dir), seed=100 + n) for n in (3, 9, 21, 30, 8, 14)]
+    llm = make_llm(model_dir, data_parallel_size=2)
+    outs = generate(llm, [{"prompt_token_ids": p} for p in prompts], greedy(10))
+    check_outputs(model_dir, prompts, outs, 10, "offline dp=2")
+    assert llm.llm_engine.get_stats().num_free_blocks == llm.llm_engine.get_stats().num_total_blocks

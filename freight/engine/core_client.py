@@ -1,5 +1,7 @@
 """Engine-core clients: how a frontend reaches its engine core(s).
 
+- InprocCoreClient: the EngineCore in the caller's thread; get_output() runs one step
+  (the offline LLM: no threads, no IPC).
 - ThreadCoreClient: one EngineCoreProc busy loop on a thread of this process (tests,
   embedding); inputs and outputs pass through in-memory queues.
 - MPCoreClient: one engine-core process per data-parallel rank, spawned here, over
@@ -62,6 +64,31 @@ class CoreClient(ABC):
 
     @abstractmethod
     def shutdown(self, timeout: float = 10.0) -> None: ...
+
+
+class InprocCoreClient(CoreClient):
+    def __init__(self, config: EngineConfig):
+        from freight.engine.core import EngineCore
+
+        self.engine_core = EngineCore(config)
+        self.engines = [EngineCoreReady(0, self.engine_core.max_model_len, self.engine_core.num_blocks)]
+
+    def add_request(self, request: EngineCoreRequest, engine: int) -> None:
+        self.engine_core.add_request(request)
+
+    def finish_requests(self, request_ids: list[str], engine: int, stopped: bool = False) -> None:
+        self.engine_core.finish_requests(request_ids, stopped)
+
+    def call_utility(self, method: str) -> None:
+        getattr(self.engine_core, method)()
+
+    def get_output(self, timeout: float = 0.0) -> Optional[EngineCoreOutputs]:
+        if not self.engine_core.has_unfinished_requests():
+            return None
+        return self.engine_core.step()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.engine_core.shutdown()
 
 
 class ThreadCoreClient(CoreClient):
@@ -246,10 +273,13 @@ def _split_for_data_parallel(config: EngineConfig, n: int) -> list[tuple[EngineC
 
 
 def make_client(config: EngineConfig, data_parallel_size: int = 1, multiprocess: bool = True,
-                log_level: int = logging.INFO) -> CoreClient:
-    """The engine core(s) for a frontend; an MPCoreClient is still starting: call wait_ready()."""
+                log_level: int = logging.INFO, threaded: bool = True) -> CoreClient:
+    """The engine core(s) for a frontend; an MPCoreClient is still starting: call wait_ready().
+
+    Without multiprocess the core runs on a thread of its own (threaded: an asynchronous frontend)
+    or in the caller's thread (a synchronous one, stepping it through get_output)."""
     if not multiprocess:
         if data_parallel_size != 1:
             raise ValueError("data parallelism needs the engine cores in their own processes")
-        return ThreadCoreClient(config)
+        return ThreadCoreClient(config) if threaded else InprocCoreClient(config)
     return MPCoreClient(config, data_parallel_size, log_level)

@@ -1,20 +1,23 @@
-"""LLMEngine: the synchronous frontend over an in-process EngineCore.
+"""LLMEngine: the synchronous frontend (the offline LLM drives it).
 
-One step = the core's schedule -> execute -> update, then the output processor turns
-the new tokens into text and RequestOutputs. The offline LLM class drives this; the
-server uses AsyncLLM, which talks to the same EngineCore in its own process.
+One step = the engine core's schedule -> execute -> update, then the output processor
+turns the new tokens into text and RequestOutputs. With one engine the core runs in
+this thread (no IPC); with data_parallel_size > 1 the cores run in processes of their
+own, as the server's do, and a step is whichever core's outputs arrive next.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Iterable, Optional, Union
 
 from freight.config import EngineConfig
-from freight.core.stats import SchedulerStats
-from freight.engine.core import EngineCore
+from freight.core.stats import SchedulerStats, sum_stats
+from freight.engine.core_client import InprocCoreClient, make_client
 from freight.engine.output_processor import OutputProcessor
 from freight.engine.processor import InputProcessor, PromptError, PromptType, sequence_ids
+from freight.model_config import ModelConfig
 from freight.model_loader import resolve_model_dir
 from freight.outputs import RequestOutput
 from freight.sampling_params import SamplingParams
@@ -26,19 +29,39 @@ EngineStats = SchedulerStats  # the name this class's get_stats() had before the
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, data_parallel_size: int = 1):
         self.config = config
         self.model_dir = resolve_model_dir(config.model, config.revision)
+        self.client = make_client(config, data_parallel_size, multiprocess=data_parallel_size > 1, threaded=False)
         self.tokenizer = load_tokenizer(config.tokenizer or str(self.model_dir), config.revision,
                                         config.trust_remote_code)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
-        self.engine_core = EngineCore(config)
-        self.model_config = self.engine_core.model_config
-        self.max_model_len = self.engine_core.max_model_len
-        self.device, self.dtype = self.engine_core.executor.device, self.engine_core.executor.dtype
+        self.client.wait_ready()
+        self.max_model_len = self.client.max_model_len
+        self.model_config = ModelConfig.from_dir(self.model_dir)
         self.processor = InputProcessor(config, self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                         self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._engine_of: dict[str, int] = {}  # unfinished request -> its engine core
+        self._load = [0] * data_parallel_size
+        self._stats = [SchedulerStats() for _ in range(data_parallel_size)]
+        if not isinstance(self.client, InprocCoreClient):  # stop the core processes with this engine
+            weakref.finalize(self, self.client.shutdown)
+
+    @property
+    def engine_core(self):
+        """The in-process EngineCore (one engine only)."""
+        if not isinstance(self.client, InprocCoreClient):
+            raise AttributeError("the engine cores run in their own processes (data_parallel_size > 1)")
+        return self.client.engine_core
+
+    @property
+    def device(self):
+        return self.engine_core.executor.device
+
+    @property
+    def dtype(self):
+        return self.engine_core.executor.dtype
 
     # -- requests ---------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
@@ -54,35 +77,64 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         self.validate_request(ids, params)
         req = self.processor.make_request(request_id, ids, params, arrival_time)
-        self.engine_core.add_request(req)
+        engine = min(range(len(self._load)), key=self._load.__getitem__)
+        self.client.add_request(req, engine)
         self.output_processor.add_request(request_id, [req.request_id, *req.fork_ids], text, ids, params,
                                           req.arrival_time)
+        self._engine_of[request_id] = engine
+        self._load[engine] += 1
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> list[RequestOutput]:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        self.engine_core.finish_requests([s for rid in ids for s in self.output_processor.sequence_ids(rid)])
-        outputs = [self.output_processor.finish(rid) for rid in ids]
-        return [o for o in outputs if o is not None]
+        outputs = []
+        for rid in ids:
+            engine = self._engine_of.pop(rid, None)
+            if engine is None:
+                continue
+            self._load[engine] -= 1
+            self.client.finish_requests(self.output_processor.sequence_ids(rid), engine)
+            out = self.output_processor.finish(rid)
+            if out is not None:
+                outputs.append(out)
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.engine_core.has_unfinished_requests()
+        return bool(self._engine_of)
 
     def get_num_unfinished_requests(self) -> int:
-        return self.engine_core.scheduler.num_unfinished
+        return len(self._engine_of)
 
     # -- the step -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        core_out = self.engine_core.step()
+        core_out = self.client.get_output(timeout=1.0)
+        if core_out is None:
+            return []
+        if core_out.stats is not None:
+            self._stats[core_out.engine_index] = core_out.stats
+        if core_out.error is not None:
+            raise RuntimeError(f"engine step failed: {core_out.error}")
         outputs, stopped = self.output_processor.process_outputs(core_out.outputs)
         if stopped:  # stop strings: the text is final, free the sequences' blocks now
-            self.engine_core.finish_requests(stopped, stopped=True)
+            self.client.finish_requests(stopped, core_out.engine_index, stopped=True)
+        for out in outputs:
+            if out.finished and (engine := self._engine_of.pop(out.request_id, None)) is not None:
+                self._load[engine] -= 1
         return outputs
 
     def get_stats(self) -> SchedulerStats:
-        return self.engine_core.make_stats()
+        if isinstance(self.client, InprocCoreClient):
+            return self.engine_core.make_stats()
+        return sum_stats(self._stats)
 
     def reset_prefix_cache(self) -> bool:
-        return self.engine_core.reset_prefix_cache()
+        """Forget the prefix cache; False if some cached blocks are still in use (one engine only)."""
+        if isinstance(self.client, InprocCoreClient):
+            return self.engine_core.reset_prefix_cache()
+        self.client.call_utility("reset_prefix_cache")
+        return True
+
+    def shutdown(self) -> None:
+        self.client.shutdown()
 
 
 __all__ = ["LLMEngine", "EngineStats", "PromptError", "PromptType"]

@@ -34,7 +34,8 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: Optional[int] = None,
                  max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, device: str = "auto", revision: Optional[str] = None,
-                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, **kwargs: Any):
+                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                 **kwargs: Any):
         if tensor_parallel_size != 1:
             raise ValueError("freight runs on one device; tensor_parallel_size must be 1")
         unknown = set(kwargs) - _IGNORED_VLLM_ARGS
@@ -46,7 +47,9 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             trust_remote_code=trust_remote_code)
-        self.llm_engine = LLMEngine(config)
+        # data_parallel_size > 1: that many engine-core processes, each with the whole model and its own
+        # KV cache (the CPUs split between them); requests go to the least loaded.
+        self.llm_engine = LLMEngine(config, data_parallel_size)
         self._counter = itertools.count()
 
     def get_tokenizer(self):
