@@ -41,7 +41,7 @@ def run(args) -> dict:
     if args.batch_size < 1 or args.input_len < 1 or args.output_len < 1 or args.num_iters < 1:
         raise ValueError("--batch-size, --input-len, --output-len and --num-iters must be at least 1")
     t0 = time.perf_counter()
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = LLMEngine(engine_config_from_args(args), args.data_parallel_size)
     startup = time.perf_counter() - t0
     reqs = random_requests(args.batch_size, args.input_len, args.output_len, 0.0, engine.model_config.vocab_size,
                            args.seed)
@@ -57,8 +57,8 @@ def run(args) -> dict:
     decode_s = sum(sum(it.decode_steps_s) for it in iters)
     batch_tokens = args.batch_size * args.output_len
     result = {
-        "benchmark": "latency", "model": str(engine.model_dir), "dtype": str(engine.dtype).split(".")[-1],
-        "device": str(engine.device), "batch_size": args.batch_size, "input_len": args.input_len,
+        "benchmark": "latency", "model": str(engine.model_dir), "dtype": engine.dtype,
+        "device": engine.device, "data_parallel_size": args.data_parallel_size, "batch_size": args.batch_size, "input_len": args.input_len,
         "output_len": args.output_len, "num_iters": args.num_iters,
         "avg_latency_s": round(avg, 4),
         "percentiles": {str(p): round(float(np.percentile(latencies, p)), 4) for p in LATENCY_PERCENTILES},

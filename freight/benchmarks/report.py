@@ -9,9 +9,10 @@ from typing import Optional
 import torch
 
 
-def peak_memory_mib(device: Optional[torch.device] = None) -> float:
-    if device is not None and device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+def peak_memory_mib(device: str = "cpu") -> float:
+    """Peak memory of this process (an in-process engine; engine-core processes are not counted)."""
+    if str(device).startswith("cuda") and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 

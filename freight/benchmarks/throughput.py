@@ -15,7 +15,7 @@ def run(args) -> dict:
     from freight.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = LLMEngine(engine_config_from_args(args), args.data_parallel_size)
     startup = time.perf_counter() - t0
     reqs = build_dataset(args, engine.model_config.vocab_size)
     if args.warmup:
@@ -27,8 +27,8 @@ def run(args) -> dict:
     prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
     output_tokens = sum(r.output_len for r in reqs)
     result = {
-        "benchmark": "throughput", "model": str(engine.model_dir), "dtype": str(engine.dtype).split(".")[-1],
-        "device": str(engine.device), "dataset": args.dataset_name, "num_requests": len(reqs),
+        "benchmark": "throughput", "model": str(engine.model_dir), "dtype": engine.dtype,
+        "device": engine.device, "data_parallel_size": args.data_parallel_size, "dataset": args.dataset_name, "num_requests": len(reqs),
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(len(reqs) / elapsed, 3),
         "total_tokens_per_s": round((prompt_tokens + output_tokens) / elapsed, 1),

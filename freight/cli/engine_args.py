@@ -28,6 +28,16 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--trust-remote-code", action="store_true")
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads for compute (default: all cores)")
+    g.add_argument("--data-parallel-size", "-dp", type=positive_int, default=1, metavar="N",
+                   help="engine-core processes, each with the whole model and its own KV cache (the CPUs are "
+                        "split between them); requests go to the least loaded")
+
+
+def positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

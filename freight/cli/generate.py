@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sample_seed, ignore_eos=args.ignore_eos)
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = LLMEngine(engine_config_from_args(args), args.data_parallel_size)
     stream = args.stream and len(args.prompt) == 1
     for i, prompt in enumerate(args.prompt):
         engine.add_request(str(i), prompt, params)

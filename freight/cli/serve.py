@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from freight.cli.engine_args import add_engine_args
+from freight.cli.engine_args import add_engine_args, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use; the first is reported in responses (default: MODEL as given, "
                         "'freight-default' for the bundled model)")
-    s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
+    s.add_argument("--max-waiting-requests", type=positive_int, default=None, metavar="N",
                    help="answer 503 once N requests are waiting to be scheduled (default: no limit)")
     s.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
                    help="log engine throughput and queue stats this often (0: never)")
@@ -30,18 +30,8 @@ def add_parser(subparsers) -> None:
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--graceful-shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long in-flight requests may run on before they are aborted")
-    s.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="N",
-                   help="engine-core processes, each with the whole model and its own KV cache (the CPUs are "
-                        "split between them); requests go to the least loaded")
     add_engine_args(p, model_positional=True)
     p.set_defaults(func=run)
-
-
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def run(args: argparse.Namespace) -> int:

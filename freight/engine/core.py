@@ -16,7 +16,7 @@ from freight.core.kv_cache_manager import KVCacheManager
 from freight.core.request import Request, RequestStatus
 from freight.core.scheduler import Scheduler, SchedulerConfig
 from freight.core.stats import SchedulerStats
-from freight.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+from freight.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreReady, EngineCoreRequest
 from freight.executor.executor import Executor
 from freight.model_config import ModelConfig
 from freight.model_loader import resolve_model_dir
@@ -65,6 +65,10 @@ class EngineCore:
     @property
     def num_blocks(self) -> int:
         return self.kv_cache.pool.num_blocks
+
+    def ready_message(self) -> EngineCoreReady:
+        return EngineCoreReady(self.engine_index, self.max_model_len, self.num_blocks, str(self.executor.device),
+                               str(self.executor.dtype).removeprefix("torch."))
 
     # -- requests ---------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:

@@ -71,7 +71,7 @@ class InprocCoreClient(CoreClient):
         from freight.engine.core import EngineCore
 
         self.engine_core = EngineCore(config)
-        self.engines = [EngineCoreReady(0, self.engine_core.max_model_len, self.engine_core.num_blocks)]
+        self.engines = [self.engine_core.ready_message()]
 
     def add_request(self, request: EngineCoreRequest, engine: int) -> None:
         self.engine_core.add_request(request)
@@ -120,7 +120,7 @@ class ThreadCoreClient(CoreClient):
         built.wait()
         if self._error is not None:
             raise self._error
-        self.engines = [EngineCoreReady(0, self.engine_core.max_model_len, self.engine_core.num_blocks)]
+        self.engines = [self.engine_core.ready_message()]
 
     def add_request(self, request: EngineCoreRequest, engine: int) -> None:
         self._inputs.put((RequestType.ADD, request))

@@ -116,7 +116,7 @@ def run_engine_core(config: EngineConfig, engine_index: int, input_address: str,
         out_sock.send(encode(EngineCoreReady(engine_index, error=f"{type(e).__name__}: {e}")))
         out_sock.close(linger=2000)
         raise SystemExit(1)
-    out_sock.send(encode(EngineCoreReady(engine_index, core.max_model_len, core.num_blocks)))
+    out_sock.send(encode(core.ready_message()))
 
     inputs: queue.Queue[CoreInputItem] = queue.Queue()
     outputs: queue.Queue[Optional[bytes]] = queue.Queue()

@@ -56,12 +56,12 @@ class LLMEngine:
         return self.client.engine_core
 
     @property
-    def device(self):
-        return self.engine_core.executor.device
+    def device(self) -> str:
+        return self.client.engines[0].device
 
     @property
-    def dtype(self):
-        return self.engine_core.executor.dtype
+    def dtype(self) -> str:
+        return self.client.engines[0].dtype
 
     # -- requests ---------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:

@@ -56,6 +56,8 @@ class EngineCoreReady(msgspec.Struct, tag=True):
     engine_index: int
     max_model_len: int = 0
     num_blocks: int = 0
+    device: str = ""     # where its model runs, e.g. "cpu", "cuda:0"
+    dtype: str = ""      # e.g. "bfloat16"
     error: Optional[str] = None
 
 
