@@ -104,6 +104,10 @@ class SamplingParams:
                 bad(f"{name} must be a non-negative integer, got {v!r}.", name)
         if self.seed is not None and not is_int(self.seed):
             bad(f"seed must be an integer, got {self.seed!r}.", "seed")
+        # A generator takes a 64-bit seed, and sample i of an n > 1 request uses seed + i.
+        if self.seed is not None and not -2**63 <= self.seed <= 2**64 - (self.best_of or self.n):
+            bad(f"seed must be in [-2**63, 2**64 - {self.best_of or self.n}] (64 bits, one per sample), "
+                f"got {self.seed}.", "seed")
         if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
             bad(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}.", "stop")
         if (not isinstance(self.stop_token_ids, (list, tuple))

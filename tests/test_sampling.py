@@ -871,6 +871,10 @@ INVALID = [
     (dict(logprobs=-1), "logprobs"),
     (dict(prompt_logprobs=-2), "prompt_logprobs"),
     (dict(seed=1.5), "seed"),
+    # Generators take 64-bit seeds; sample i of an n > 1 request uses seed + i.
+    (dict(seed=2**64), "seed"),
+    (dict(seed=-2**63 - 1), "seed"),
+    (dict(seed=2**64 - 1, n=2), "seed"),
     (dict(stop=""), "stop"),
     (dict(stop=["ok", ""]), "stop"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"),

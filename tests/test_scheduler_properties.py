@@ -1,22 +1,29 @@
 """Model-free tests of the Scheduler + KVCacheManager: random workloads driven with fake tokens.
 
-A `Harness` plays the engine: it adds requests, aborts some, calls `schedule()`, emulates the
-model runner and feeds sampled tokens back through `update_from_output()`. The "model" is a
-deterministic function of a request's whole token history, so every request's output is known
-in advance no matter how it was batched, chunked, prefix-cached or preempted.
+A `Harness` plays the engine core: it adds requests, aborts some, calls `schedule()`, emulates the
+model runner from the plain-data step contract (freight.step_contract) and feeds sampled tokens
+back through `update_from_output()`. The "model" is a deterministic function of a request's whole
+token history, so every request's output is known in advance no matter how it was batched,
+chunked, prefix-cached or preempted.
 
-The runner emulation also keeps a shadow KV cache: each cache slot records which token
-history its K/V was computed from (a key for all tokens up to and including that position).
-After every step, every running request must find its own history in each slot of its block
-table it has computed; that is the end-to-end property a paged cache with prefix sharing
-must keep (a shared or reused block holds exactly the prefix the reader expects).
+The runner emulation keeps only what the contract gives it, the way the real runner does: per
+request the block table rebuilt from the diffs (NewRequestData once, then CachedRequestData's new
+blocks, or a whole table when reset_block_ids) and its own token history (the prompt plus the
+tokens it sampled). After every schedule() its table must equal the KV cache manager's, and after
+every step its history must equal the scheduler's Request.all_token_ids.
+
+It also keeps a shadow KV cache: each cache slot records which token history its K/V was computed
+from (a key for all tokens up to and including that position). After every step, every running
+request must find its own history in each slot of its block table it has computed; that is the
+end-to-end property a paged cache with prefix sharing must keep (a shared or reused block holds
+exactly the prefix the reader expects).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import pytest
 from hypothesis import event, given, settings
@@ -28,6 +35,7 @@ from freight.core.kv_cache_manager import KVCacheManager
 from freight.core.request import Request, RequestStatus
 from freight.core.scheduler import Scheduler, SchedulerConfig
 from freight.sampling_params import SamplingParams
+from freight.step_contract import ModelRunnerOutput, SchedulerOutput
 
 EOS = 0
 
@@ -40,6 +48,13 @@ def model_token(tokens: list[int], vocab: int, salt: int, seq: int = 0) -> int:
 
 def seq_index(request_id: str) -> int:
     return int(request_id.rsplit("#", 1)[1]) if "#" in request_id else 0
+
+
+def history_key(keys: list[int], tokens: list[int], pos: int) -> int:
+    """A key for tokens[:pos + 1] (chained, memoised in `keys`; histories only ever grow)."""
+    while len(keys) <= pos:
+        keys.append(hash((keys[-1] if keys else -1, tokens[len(keys)])))
+    return keys[pos]
 
 
 def reference_output(prompt: list[int], max_tokens: int, ignore_eos: bool, max_model_len: int,
@@ -56,6 +71,29 @@ def reference_output(prompt: list[int], max_tokens: int, ignore_eos: bool, max_m
             return out, RequestStatus.FINISHED_LENGTH
 
 
+def contract_entries(out: SchedulerOutput) -> dict[str, tuple[int, int, Optional[str]]]:
+    """req id -> (num_computed_tokens before the step, tokens scheduled, parent id of a fork)."""
+    entries = {}
+    for r in out.scheduled_new_reqs:
+        entries[r.req_id] = (r.num_computed_tokens, out.num_scheduled_tokens[r.req_id], r.parent_req_id)
+    for r in out.scheduled_cached_reqs:
+        entries[r.req_id] = (r.num_computed_tokens, out.num_scheduled_tokens[r.req_id], None)
+    return entries
+
+
+def sampling_req_ids(out: SchedulerOutput, num_tokens: Callable[[str], int]) -> list[str]:
+    """The sequences that sample in a step: those whose scheduled tokens reach their last token
+    (num_tokens(req id): its length as the runner knows it), then every fork of the step."""
+    entries = contract_entries(out)
+    rows = [rid for rid, (c, n, parent) in entries.items() if parent is None and c + n == num_tokens(rid)]
+    return rows + [rid for rid, (_, _, parent) in entries.items() if parent is not None]
+
+
+def runner_output(sampled: dict[str, int]) -> ModelRunnerOutput:
+    return ModelRunnerOutput(req_ids=list(sampled), sampled_token_ids=[[t] for t in sampled.values()],
+                             sampled_logprobs=[[0.0] for _ in sampled])
+
+
 @dataclass
 class Spec:
     rid: str
@@ -65,6 +103,7 @@ class Spec:
     arrival: int = 0              # step before which it is added
     abort_at: Optional[int] = None  # step before which it is aborted (if still alive)
     n: int = 1                    # sequences (n > 1: the first computes the prompt, the rest fork)
+    prompt_logprobs: Optional[int] = None  # (no prefix-cache hits for such a request)
 
     @property
     def seq_ids(self) -> list[str]:
@@ -84,6 +123,15 @@ class Config:
     salt: int
 
 
+@dataclass
+class RunnerSeq:
+    """What the emulated runner holds about one sequence: only what the contract told it."""
+
+    table: list[int]
+    tokens: list[int]             # the prompt, then every token the runner sampled for it
+    keys: list[int] = field(default_factory=list)  # history_key memo over `tokens`
+
+
 class Harness:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -94,7 +142,10 @@ class Harness:
         self.reqs: dict[str, Request] = {}   # every sequence ever added, by sequence id
         self.specs: dict[str, Spec] = {}
         self.aborted: set[str] = set()
-        self.unreported: set[str] = set()   # finished since the last schedule()
+        self.unreported: set[str] = set()   # sent to the runner, finished since the last schedule()
+        self.runner: dict[str, RunnerSeq] = {}  # the runner's requests: sent and not yet reported finished
+        self.ever_sent: set[str] = set()
+        self.stale: set[str] = set()        # held by the runner but preempted: its table is out of date
         self.slots: dict[tuple[int, int], int] = {}  # (block_id, offset) -> history key
         self.prefix_keys: dict[str, list[int]] = {}
         self.steps = 0
@@ -103,13 +154,15 @@ class Harness:
         self.saw_shared_block = False
         self.saw_fork = False
         self.saw_copy = False
+        self.saw_reset = False
 
     # -- engine-side actions --------------------------------------------------------------
     def add(self, spec: Spec) -> Request:
-        """Add a request the way LLMEngine.add_request does; returns its first sequence."""
+        """Add a request the way EngineCore.add_request does; returns its first sequence."""
         assert 1 <= len(spec.prompt) < self.cfg.max_model_len <= self.cfg.num_blocks * self.bs
         assert spec.n <= self.cfg.max_num_seqs
-        params = SamplingParams(n=spec.n, max_tokens=spec.max_tokens, ignore_eos=spec.ignore_eos)
+        params = SamplingParams(n=spec.n, max_tokens=spec.max_tokens, ignore_eos=spec.ignore_eos,
+                                prompt_logprobs=spec.prompt_logprobs)
         seqs = [Request(request_id=sid, prompt_token_ids=list(spec.prompt), sampling_params=params.for_sample(i),
                         max_tokens=spec.max_tokens, eos_token_ids=frozenset({EOS}))
                 for i, sid in enumerate(spec.seq_ids)]
@@ -122,7 +175,7 @@ class Harness:
         return seqs[0]
 
     def abort(self, rid: str) -> None:
-        """Abort all sequences of request `rid` (like LLMEngine.abort_request)."""
+        """Abort all sequences of request `rid` (like EngineCore.finish_requests)."""
         spec = self.specs.get(rid)
         seq_ids = spec.seq_ids if spec else [rid]
         known = {sid for sid in seq_ids if self.sched.get_request(sid) is not None}
@@ -133,51 +186,127 @@ class Harness:
             assert r.status == RequestStatus.FINISHED_ABORTED
             assert r.pending_forks == []
             self.aborted.add(r.request_id)
-        self.unreported |= known  # the runner only ever saw sequences that were in the scheduler
+        # The runner must drop exactly the aborted sequences it was sent (running or preempted);
+        # waiting ones it never saw, and pending forks were never started.
+        self.unreported |= known & set(self.runner)
         for sid in seq_ids:
             assert self.sched.get_request(sid) is None
         self.check()
 
     # -- one engine step ------------------------------------------------------------------
     def key(self, req: Request, pos: int) -> int:
-        keys = self.prefix_keys.setdefault(req.request_id, [])
-        toks = req.all_token_ids
-        while len(keys) <= pos:
-            keys.append(hash((keys[-1] if keys else -1, toks[len(keys)])))
-        return keys[pos]
+        return history_key(self.prefix_keys.setdefault(req.request_id, []), req.all_token_ids, pos)
+
+    def apply_finished(self, out: SchedulerOutput) -> None:
+        """The runner drops the state of finished sequences: exactly those it was sent that
+        finished (stopped, or were aborted) since the previous step."""
+        assert len(set(out.finished_req_ids)) == len(out.finished_req_ids), out.finished_req_ids
+        assert set(out.finished_req_ids) == self.unreported
+        for rid in out.finished_req_ids:
+            assert rid in self.runner and self.sched.get_request(rid) is None
+            del self.runner[rid]
+            self.stale.discard(rid)
+        self.unreported = set()
+
+    def apply_diff(self, out: SchedulerOutput, waiting_before: set[str]) -> None:
+        """Rebuild each scheduled request's block table from the contract, as the runner must."""
+        kv = self.kv
+        copied_to = {dst for _, dst in out.block_copies}
+        for new in out.scheduled_new_reqs:
+            rid = new.req_id
+            assert rid not in self.ever_sent, f"{rid} sent whole twice"
+            req = self.sched.get_request(rid)
+            assert req is not None
+            assert new.prompt_token_ids == req.prompt_token_ids
+            assert new.sampling_params == req.sampling_params
+            assert set(new.eos_token_ids) == set(req.eos_token_ids)
+            if new.parent_req_id is None:
+                assert rid in waiting_before, f"{rid} sent whole but it was not waiting"
+            else:
+                assert rid not in waiting_before and not set(new.block_ids) & copied_to
+            self.ever_sent.add(rid)
+            self.runner[rid] = RunnerSeq(table=list(new.block_ids), tokens=list(new.prompt_token_ids))
+        for cached in out.scheduled_cached_reqs:
+            rid = cached.req_id
+            seq = self.runner.get(rid)
+            assert seq is not None, f"{rid} sent as cached but the runner does not hold it"
+            # The whole table goes again only after a preemption or a copy on write; otherwise
+            # only the blocks added since the runner last heard of it.
+            expect_reset = rid in self.stale or bool(copied_to & set(kv.block_ids(rid)))
+            assert cached.reset_block_ids == expect_reset, (rid, cached, rid in self.stale)
+            if cached.reset_block_ids:
+                self.saw_reset = True
+                seq.table = list(cached.new_block_ids)
+            else:
+                seq.table.extend(cached.new_block_ids)
+            self.stale.discard(rid)
+        # Every running request (scheduled this step or not): the runner's table is the manager's.
+        for req in self.sched.running:
+            rid = req.request_id
+            assert rid in self.runner, f"{rid} is running but was never sent"
+            assert rid not in self.stale
+            assert self.runner[rid].table == kv.block_ids(rid), (
+                f"{rid}: runner's table {self.runner[rid].table} != {kv.block_ids(rid)}")
+        # A preempted request the runner holds keeps its state; its table is stale until resumed.
+        for req in self.sched.waiting:
+            if req.request_id in self.runner:
+                assert req.status == RequestStatus.PREEMPTED
+                self.stale.add(req.request_id)
+        assert set(self.runner) <= set(self.sched.requests)
 
     def step(self) -> None:
         cfg, bs = self.cfg, self.bs
         waiting_before = {r.request_id for r in self.sched.waiting}
+        running_before = {r.request_id for r in self.sched.running}
         out = self.sched.schedule()
         self.steps += 1
-        assert out.finished_request_ids == self.unreported
-        self.unreported = set()
+        self.apply_finished(out)
         if out.num_preempted:
             self.saw_preemption = True
+        assert out.num_preempted == sum(1 for r in self.sched.waiting if r.request_id in running_before)
 
-        # (1) budgets
-        assert out.total_num_tokens <= cfg.max_num_batched_tokens
+        # (1) budgets, and the contract's bookkeeping
+        entries = contract_entries(out)
+        assert len(entries) == len(out.scheduled_new_reqs) + len(out.scheduled_cached_reqs), "sent twice in a step"
+        assert set(entries) == set(out.num_scheduled_tokens)
+        assert out.scheduled_req_ids == list(entries)
+        assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values())
+        assert out.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
+        assert out.is_empty == (out.total_num_scheduled_tokens == 0)
+        assert out.scheduled_spec_decode_tokens == {}
         assert len(self.sched.running) <= cfg.max_num_seqs
-        assert len(out.scheduled) <= cfg.max_num_seqs
-        rids = [s.request.request_id for s in out.scheduled]
-        assert len(set(rids)) == len(rids)
+        assert len(entries) <= cfg.max_num_seqs
         assert self.sched.num_unfinished == 0 or not out.is_empty, "nothing scheduled with work pending"
 
-        for s in out.scheduled:
-            req = s.request
+        self.apply_diff(out, waiting_before)
+
+        for rid, (c, n, parent) in entries.items():
+            req = self.sched.get_request(rid)
             assert req.status == RequestStatus.RUNNING and req in self.sched.running
-            assert s.num_new_tokens >= 1
-            assert req.num_computed_tokens == s.num_computed_tokens + s.num_new_tokens  # advanced
-            assert s.num_computed_tokens + s.num_new_tokens <= req.num_tokens
-            assert s.num_computed_tokens >= 0
-            assert len(s.block_ids) >= math.ceil(req.num_computed_tokens / bs)
-            assert s.block_ids == self.kv.block_ids(req.request_id)
-            if not cfg.chunked:
-                assert s.completes_sequence, "a prompt was split with chunked prefill off"
-            if req.request_id in waiting_before and s.num_computed_tokens > 0:
-                self.saw_prefix_hit = True
-                assert s.num_computed_tokens % bs == 0
+            assert len(self.kv.block_ids(rid)) >= math.ceil(req.num_computed_tokens / bs)
+            assert c >= 0
+            if parent is None:
+                assert n >= 1
+                assert req.num_computed_tokens == c + n  # advanced
+                assert c + n <= req.num_tokens
+                if not cfg.chunked:
+                    assert c + n == req.num_tokens, "a prompt was split with chunked prefill off"
+                if rid in waiting_before and c > 0:
+                    self.saw_prefix_hit = True
+                    assert c % bs == 0
+            else:
+                # A fork: started in the step that computes the end of its parent's prompt, with
+                # the parent's blocks and computed prompt, and no tokens of its own to run.
+                self.saw_fork = True
+                assert n == 0 and parent in entries and entries[parent][2] is None
+                pc, pn, _ = entries[parent]
+                p = self.sched.get_request(parent)
+                assert pc + pn == p.num_tokens == p.num_prompt_tokens
+                assert c == req.num_computed_tokens == req.num_tokens == p.num_tokens
+                assert req.prompt_token_ids == p.prompt_token_ids and not req.output_token_ids
+                assert self.kv.block_ids(rid) == self.kv.block_ids(parent)
+                assert p.pending_forks == [] and req.pending_forks == []
+                assert rid.split("#")[0] == parent.split("#")[0] and seq_index(parent) == 0
 
         # Emulate the runner: block copies first, then all new K/V are written before anything is read.
         for src, dst in out.block_copies:
@@ -189,33 +318,52 @@ class Harness:
                     self.slots[(dst, off)] = self.slots[(src, off)]
                 else:
                     self.slots.pop((dst, off), None)
-        for s in out.scheduled:
-            for p in range(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens):
-                self.slots[(s.block_ids[p // bs], p % bs)] = self.key(s.request, p)
-        sampled = {}
-        for s in out.scheduled:
-            seqs = s.sampled_requests
-            assert bool(seqs) == s.completes_sequence and (not seqs or seqs[0] is s.request)
-            for seq in seqs:
-                # Forks draw from the parent's last row: same history (the shared prompt).
-                assert seq.all_token_ids == s.request.all_token_ids
-                sampled[seq.request_id] = model_token(seq.all_token_ids, cfg.vocab, cfg.salt,
-                                                      seq_index(seq.request_id))
-            if len(seqs) > 1:
-                self.saw_fork = True
-        self.check_shadow()
+        for rid, (c, n, _) in entries.items():
+            seq = self.runner[rid]
+            assert c + n <= len(seq.tokens), f"{rid}: scheduled tokens the runner does not have"
+            for p in range(c, c + n):
+                self.slots[(seq.table[p // bs], p % bs)] = history_key(seq.keys, seq.tokens, p)
 
-        updated = self.sched.update_from_output(out, sampled)
-        assert sorted(r.request_id for r in updated) == sorted(sampled)
-        for r in updated:
+        # Which rows sample: decided from the runner's own history, and it must agree with the scheduler.
+        sampling = sampling_req_ids(out, lambda rid: len(self.runner[rid].tokens))
+        for rid, (c, n, parent) in entries.items():
+            if parent is None:
+                assert (rid in sampling) == (c + n == self.sched.get_request(rid).num_tokens)
+        sampled = {}
+        for rid in sampling:
+            parent = entries[rid][2]
+            history = self.runner[rid if parent is None else parent].tokens
+            # Forks draw from the parent's last row: same history (the shared prompt).
+            assert self.runner[rid].tokens == history
+            sampled[rid] = model_token(history, cfg.vocab, cfg.salt, seq_index(rid))
+        self.check_shadow()
+        self.on_schedule(out, entries, sampled)
+
+        updated = self.sched.update_from_output(out, runner_output(sampled))
+        assert sorted(r.request_id for r, _ in updated) == sorted(sampled)
+        for r, kept in updated:
+            assert kept == 1
             assert r.output_token_ids[-1] == sampled[r.request_id]
             assert r.pending_forks == []
             if r.status.finished:
                 assert r not in self.sched.running and self.sched.get_request(r.request_id) is None
+                assert r.request_id in self.runner
                 self.unreported.add(r.request_id)
             else:
                 assert r.status == RequestStatus.RUNNING and self.sched.get_request(r.request_id) is r
+        for rid, tok in sampled.items():  # the runner appends what it sampled itself
+            self.runner[rid].tokens.append(tok)
+        for rid, seq in self.runner.items():
+            assert seq.tokens == self.reqs[rid].all_token_ids, f"{rid}: runner history differs"
+        self.on_update(out, sampled)
         self.check()
+
+    # Hooks for a subclass that also drives a real runner-side batch (tests/test_input_batch.py).
+    def on_schedule(self, out: SchedulerOutput, entries: dict, sampled: dict[str, int]) -> None:
+        pass
+
+    def on_update(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
+        pass
 
     # -- invariants -----------------------------------------------------------------------
     def check_shadow(self) -> None:
@@ -326,7 +474,10 @@ class Harness:
         """After everything finished: the cache is empty and outputs are right."""
         out = self.sched.schedule()  # flush the last finished ids
         assert out.is_empty and out.num_preempted == 0
-        assert out.finished_request_ids == self.unreported
+        assert not out.scheduled_new_reqs and not out.scheduled_cached_reqs and not out.block_copies
+        self.apply_finished(out)
+        assert self.runner == {}, f"the runner still holds {sorted(self.runner)}"
+        self.on_schedule(out, {}, {})
         kv, pool, sched = self.kv, self.kv.pool, self.sched
         assert not sched.waiting and not sched.running and not sched.requests
         assert kv.req_blocks == {} and kv.num_cached_blocks == {}
@@ -360,8 +511,8 @@ def step_bound(cfg: Config, specs: list[Spec]) -> int:
     return last + sum(s.n for s in specs) * cfg.max_model_len + 2
 
 
-def run_scenario(cfg: Config, specs: list[Spec]) -> Harness:
-    h = Harness(cfg)
+def run_scenario(cfg: Config, specs: list[Spec], harness: type[Harness] = Harness) -> Harness:
+    h = harness(cfg)
     bound = step_bound(cfg, specs)
     arrivals = sorted(specs, key=lambda s: s.arrival)
     aborts = sorted((s for s in specs if s.abort_at is not None), key=lambda s: s.abort_at)
@@ -445,6 +596,7 @@ def _events(h: Harness) -> None:
     event(f"aborted={bool(h.aborted)}")
     event(f"forked={h.saw_fork}")
     event(f"copy_on_write={h.saw_copy}")
+    event(f"table_resent={h.saw_reset}")
 
 
 # -- property tests -----------------------------------------------------------------------------
@@ -617,10 +769,14 @@ def test_fully_cached_prompt_computes_one_token():
     b = h.add(Spec("b", [1, 2, 3, 4], max_tokens=1, ignore_eos=True))
     out = h.sched.schedule()
     h.steps += 1
-    h.unreported = set()
-    (s,) = out.scheduled
-    assert s.request is b and s.num_computed_tokens == 2 and s.num_new_tokens == 2
-    assert s.completes_sequence
+    assert out.finished_req_ids == ["a"]
+    assert out.scheduled_cached_reqs == [] and out.block_copies == []
+    (s,) = out.scheduled_new_reqs
+    assert h.sched.get_request(s.req_id) is b and s.num_computed_tokens == 2
+    assert out.num_scheduled_tokens == {"b": 2} and out.total_num_scheduled_tokens == 2
+    assert s.block_ids == h.kv.block_ids("b") and len(s.block_ids) == 2
+    assert s.num_computed_tokens + out.num_scheduled_tokens["b"] == b.num_tokens  # samples
+    assert sampling_req_ids(out, lambda rid: h.reqs[rid].num_tokens) == ["b"]
 
 
 def test_chunked_prefill_splits_by_budget():
@@ -711,10 +867,12 @@ def _seqs(rid: str, prompt: list[int], n: int = 1, max_tokens: int = 4, **params
     return seqs[0]
 
 
-def _fake_step(sched: Scheduler):
+def _fake_step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
+    """One step with a runner that samples `token` for every sequence that samples."""
     out = sched.schedule()
-    sampled = {r.request_id: 7 for s in out.scheduled for r in s.sampled_requests}
-    sched.update_from_output(out, sampled)
+    sampled = {rid: token for rid in sampling_req_ids(out, lambda rid: sched.get_request(rid).num_tokens)}
+    updated = sched.update_from_output(out, runner_output(sampled))
+    assert sorted(r.request_id for r, _ in updated) == sorted(sampled)
     return out
 
 
@@ -772,25 +930,37 @@ def test_chunked_prefill_off_with_budget_below_max_model_len_does_not_hang():
 def test_prompt_logprob_rows_not_repeated_after_preemption():
     """Prompt logprobs are emitted for each prompt position as its chunk is computed. A preempted
     request recomputes its prompt, and the rows come again; OutputProcessor extends its list with
-    them, so the request ends with more prompt logprobs than prompt tokens and reports None."""
+    them, so the request ends with more prompt logprobs than prompt tokens and reports None.
+    The runner's persistent batch keeps what it sent across the preemption."""
     import torch
 
-    from freight.worker.input_batch import build_model_input
+    from freight.worker.input_batch import InputBatch, build_model_input
 
+    cpu = torch.device("cpu")
     sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=12),
                       KVCacheManager(6, 2))
+    batch = InputBatch(max_num_reqs=2, max_blocks_per_req=6, vocab_size=16, device=cpu)
     sched.add_request(_seqs("a", [1, 2, 3, 4], max_tokens=8))
     b = _seqs("b", [5, 6, 7, 8], max_tokens=8, prompt_logprobs=1)
     sched.add_request(b)
     positions = []
+    resumed = False
     while sched.num_unfinished:
         out = sched.schedule()
-        inp = build_model_input(out, 2, torch.device("cpu"))
+        batch.update_states(out)
+        resumed |= any(c.req_id == "b" and c.reset_block_ids for c in out.scheduled_cached_reqs)
+        inp = build_model_input(batch, out, 2, cpu)
         for pr in inp.prompt_rows:
-            if pr.request is b:
+            assert pr.state is batch.requests[pr.state.req_id]
+            if pr.state.req_id == "b":
                 positions.extend(range(pr.first_position, pr.first_position + pr.count))
-        sched.update_from_output(out, {r.request_id: 9 for s in out.scheduled for r in s.sampled_requests})
-    assert b.num_preemptions >= 1
+        sampled = {s.req_id: 9 for s in inp.sampling}
+        assert sorted(sampled) == sorted(sampling_req_ids(out, lambda rid: sched.get_request(rid).num_tokens))
+        for s in inp.sampling:  # as ModelRunner._sample does
+            s.append_token(9)
+            s.fork_of = None
+        sched.update_from_output(out, runner_output(sampled))
+    assert b.num_preemptions >= 1 and resumed
     assert positions == [0, 1, 2], "each prompt position's logprobs must be produced exactly once"
 
 
