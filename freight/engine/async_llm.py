@@ -23,11 +23,8 @@ server then exits non-zero).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
-import time
-from collections import defaultdict
 from typing import AsyncIterator, Callable, Optional, Union
 
 from freight.config import EngineConfig
@@ -36,6 +33,8 @@ from freight.engine.core_client import CoreClient, EngineDeadError, make_client
 from freight.engine.messages import EngineCoreOutputs
 from freight.engine.output_processor import OutputProcessor
 from freight.engine.processor import InputProcessor, PromptError, sequence_ids
+from freight.engine.request_stream import RequestStream, deliver
+from freight.engine.serving_log import StatsLogger, log_finished
 from freight.model_config import ModelConfig
 from freight.model_loader import resolve_model_dir
 from freight.outputs import RequestOutput
@@ -58,61 +57,6 @@ class EngineShutdownError(RuntimeError):
 
 class EngineStepError(RuntimeError):
     """A step of the engine failed while this request was in flight (500)."""
-
-
-class RequestStream:
-    """The outputs of one request, handed from the engine thread to an asyncio consumer.
-
-    Iterate it (or await get()) until an output with finished=True; an exception put
-    by the engine thread is raised to the consumer. abort() is synchronous on purpose:
-    it is called from `finally` blocks of cancelled tasks, where awaiting is unsafe.
-    """
-
-    def __init__(self, request_id: str, owner: "AsyncLLM", loop: asyncio.AbstractEventLoop,
-                 num_prompt_tokens: int):
-        self.request_id = request_id
-        self.num_prompt_tokens = num_prompt_tokens
-        self.loop = loop
-        self.finished = False
-        self._owner = owner
-        self._queue: asyncio.Queue[Union[RequestOutput, BaseException]] = asyncio.Queue()
-        self._stash: Optional[RequestOutput] = None
-
-    def _put(self, item: Union[RequestOutput, BaseException]) -> None:  # on the loop's thread
-        self._queue.put_nowait(item)
-
-    async def get(self) -> RequestOutput:
-        """The next output; when several are queued (a slow consumer), one output with their deltas joined."""
-        if self._stash is not None:
-            item, self._stash = self._stash, None
-        else:
-            item = await self._queue.get()
-        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
-            newer = self._queue.get_nowait()
-            if isinstance(newer, RequestOutput) and len(newer.delta_text) != len(item.delta_text):
-                self._stash = newer  # cannot be joined (never expected): hand it out next time
-                break
-            item = _merge(item, newer)
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item.finished:
-            self.finished = True
-        return item
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        return await self.get()
-
-    def abort(self) -> None:
-        """Abort the request if it has not finished (a client hung up): its blocks are freed next step."""
-        if not self.finished:
-            self.finished = True
-            self._owner.abort(self.request_id)
 
 
 class AsyncLLM:
@@ -245,7 +189,7 @@ class AsyncLLM:
             streams, self._streams = self._streams, {}
             finals = [self._forget(rid, abort=True) for rid in list(self._engine_of)]
         self._observe([f for f in finals if f is not None])
-        _deliver([(s, error) for s in streams.values()])
+        deliver([(s, error) for s in streams.values()])
         return len(streams)
 
     def stop_accepting(self) -> None:
@@ -288,7 +232,7 @@ class AsyncLLM:
 
     # -- the output thread -------------------------------------------------------
     def _run_output_loop(self) -> None:
-        stats_logger = _StatsLogger(self.log_stats_interval)
+        stats_logger = StatsLogger(self.log_stats_interval)
         while not self._exit:
             try:
                 outs = self.client.get_output(timeout=0.2)
@@ -336,7 +280,7 @@ class AsyncLLM:
             deliveries += [(s, error) for s, _ in failed if s is not None]
             outputs = outputs + [f for _, f in failed if f is not None]
         self._observe(outputs)
-        _deliver(deliveries)
+        deliver(deliveries)
 
     def _observe(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -346,7 +290,7 @@ class AsyncLLM:
                 except Exception:  # metrics must never take the engine down
                     logger.exception("output observer failed")
             if out.finished and self.log_requests:
-                _log_finished(out)
+                log_finished(out)
 
     def _die(self, error: BaseException) -> None:
         logger.error("engine died: %s; failing every request in flight", error)
@@ -357,71 +301,6 @@ class AsyncLLM:
                 callback(error)
             except Exception:
                 logger.exception("on_dead callback failed")
-
-
-def _merge(older: RequestOutput, newer: Union[RequestOutput, BaseException]) -> Union[RequestOutput, BaseException]:
-    """Fold two consecutive outputs of a request into one (the newer state, both deltas); an error wins."""
-    if isinstance(newer, BaseException):
-        return newer
-    return dataclasses.replace(
-        newer, delta_text=[a + b for a, b in zip(older.delta_text, newer.delta_text)],
-        delta_token_ids=[a + b for a, b in zip(older.delta_token_ids, newer.delta_token_ids)])
-
-
-def _deliver(items: list[tuple[RequestStream, Union[RequestOutput, BaseException]]]) -> None:
-    """Put items on their streams' queues: one call_soon_threadsafe per event loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-    for stream, item in items:
-        by_loop[stream.loop].append((stream, item))
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, batch)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
-
-
-def _put_all(batch: list) -> None:
-    for stream, item in batch:
-        stream._put(item)
-
-
-def _log_finished(out: RequestOutput) -> None:
-    m = out.metrics
-    reason = ",".join(sorted({c.finish_reason or "?" for c in out.outputs}))
-    gen = sum(len(c.token_ids) for c in out.outputs)
-    if m is None:
-        logger.info("request %s finished (%s): prompt %d tokens, generated %d tokens",
-                    out.request_id, reason, len(out.prompt_token_ids), gen)
-        return
-    ttft = f"{m.first_token_time - m.arrival_time:.3f}s" if m.first_token_time is not None else "-"
-    e2e = (m.finished_time or time.monotonic()) - m.arrival_time
-    logger.info("request %s finished (%s): prompt %d tokens (%d cached), generated %d tokens, TTFT %s, e2e %.3fs",
-                out.request_id, reason, len(out.prompt_token_ids), out.num_cached_tokens, gen, ttft, e2e)
-
-
-class _StatsLogger:
-    """Periodic engine stats: throughput since the last line, queue sizes, KV cache usage."""
-
-    def __init__(self, interval: float):
-        self.interval = interval
-        self._last_time = time.monotonic()
-        self._last: Optional[EngineStats] = None
-
-    def maybe_log(self, stats: EngineStats) -> None:
-        now = time.monotonic()
-        if not self.interval or now - self._last_time < self.interval:
-            return
-        last, dt = self._last, now - self._last_time
-        self._last, self._last_time = stats, now
-        prompt = stats.num_computed_prompt_tokens - (last.num_computed_prompt_tokens if last else 0)
-        gen = stats.num_generated_tokens - (last.num_generated_tokens if last else 0)
-        if not (prompt or gen or stats.num_running or stats.num_waiting):
-            return  # idle: say nothing
-        logger.info("engine: prompt %.1f tokens/s, generation %.1f tokens/s, running %d, waiting %d, "
-                    "KV cache %.1f%% (%d/%d blocks free), preemptions %d, prefix cache hit rate %.1f%%",
-                    prompt / dt, gen / dt, stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage,
-                    stats.num_free_blocks, stats.num_total_blocks, stats.num_preemptions,
-                    100 * stats.prefix_cache_hits / max(stats.prefix_cache_queries, 1))
 
 
 __all__ = ["AsyncLLM", "RequestStream", "EngineOverloadedError", "EngineShutdownError", "EngineStepError",

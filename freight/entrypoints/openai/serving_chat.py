@@ -13,7 +13,7 @@ import jinja2
 from fastapi import Request
 from starlette.responses import Response
 
-from freight.engine.async_llm import RequestStream
+from freight.engine.request_stream import RequestStream
 from freight.entrypoints.openai.errors import APIError, bad_request
 from freight.entrypoints.openai.logprobs import TokenStrings, chat_logprobs
 from freight.entrypoints.openai.protocol import (ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,

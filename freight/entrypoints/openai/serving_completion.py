@@ -17,7 +17,7 @@ from freight.entrypoints.openai.serving_engine import (MAX_LOGPROBS, SSE_DONE, O
                                                        check_common, extra_values, final_outputs, merge_streams,
                                                        random_id, sse, sse_error, to_sampling_params,
                                                        until_disconnect)
-from freight.engine.async_llm import RequestStream
+from freight.engine.request_stream import RequestStream
 from freight.outputs import CompletionOutput, RequestOutput
 from freight.sampling_params import SamplingParams
 
