@@ -80,6 +80,10 @@ class SamplingParams:
                 bound = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
                 bad(f"{name} must be a number in {bound}, got {v!r}.", name)
 
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be a boolean, got {getattr(self, name)!r}.", name)
         if not is_int(self.n) or self.n < 1:
             bad(f"n must be an integer of at least 1, got {self.n!r}.", "n")
         if self.best_of is not None and (not is_int(self.best_of) or self.best_of < self.n):

@@ -81,6 +81,8 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     sampled_logprobs: list[list[float]] = []      # logprob of each sampled token (raw distribution)
     logprobs: dict[str, LogprobsLists] = {}       # rows whose request asked for logprobs
     prompt_logprobs: dict[str, LogprobsLists] = {}  # this step's prompt positions, per request
+    # Requests whose preparation or sampling failed (req id -> why); the rest of the step is unaffected.
+    failed: dict[str, str] = {}
 
 
 StepMessage = Union[SchedulerOutput, ModelRunnerOutput]

@@ -338,7 +338,7 @@ def test_engine_core_outputs_roundtrip():
     assert type(back.stats) is SchedulerStats and back.stats == stats
     assert type(back.outputs[0].new_logprobs) is LogprobsLists
     assert back.outputs[2].stop_reason == 11 and back.outputs[3].stop_reason == "END"
-    err = EngineCoreOutputs(outputs=[EngineCoreOutput("x", [], [], finish_reason="error")], error="boom")
+    err = EngineCoreOutputs(outputs=[EngineCoreOutput("x", [], [], finish_reason="error", error="boom")])
     assert messages.decode_output(messages.encode(err)) == err
     empty = messages.decode_output(messages.encode(EngineCoreOutputs()))
     assert type(empty) is EngineCoreOutputs and empty == EngineCoreOutputs()

@@ -1,4 +1,4 @@
-"""`freight bench throughput | latency | serve` (flags follow `vllm bench`)."""
+"""`freight bench throughput | latency | serve | soak` (flags follow `vllm bench`)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,29 @@ def add_parser(subparsers) -> None:
     s.add_argument("--output-json", default=None)
     add_dataset_args(s)
     s.set_defaults(func=_run("serve"))
+
+    k = sub.add_parser("soak", help="robustness soak of a live server: a mix of requests, client hang-ups, "
+                                    "checked responses, back to idle after")
+    k.add_argument("--base-url", default="http://127.0.0.1:8000")
+    k.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
+    k.add_argument("--num-requests", type=int, default=2000)
+    k.add_argument("--concurrency", type=int, default=32)
+    k.add_argument("--abort-fraction", type=float, default=0.2,
+                   help="share of requests the client hangs up on mid-request")
+    k.add_argument("--max-tokens", type=int, default=16, help="each request asks for 1..this many tokens")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--api-key", default=None)
+    k.add_argument("--timeout", type=float, default=600.0, help="bound on the whole run, in seconds")
+    k.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="how long the server may take to go idle after the run, in seconds")
+    k.add_argument("--output-json", default=None)
+    k.set_defaults(func=_soak)
+
+
+def _soak(args) -> int:
+    from freight.benchmarks.soak import run
+
+    return run(args)  # 1 when the soak failed
 
 
 def _run(name: str):

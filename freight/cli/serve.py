@@ -20,6 +20,11 @@ def add_parser(subparsers) -> None:
     s.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use; the first is reported in responses (default: MODEL as given, "
                         "'freight-default' for the bundled model)")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a 'chat_template' in requests (rendered in a sandbox with a time limit); "
+                        "by default such requests are refused")
+    s.add_argument("--max-request-body-size", default=None, metavar="BYTES",
+                   help="refuse larger request bodies with 413 (bytes or e.g. 16MiB; default 16MiB)")
     s.add_argument("--max-waiting-requests", type=positive_int, default=None, metavar="N",
                    help="answer 503 once N requests are waiting to be scheduled (default: no limit)")
     s.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",

@@ -219,6 +219,12 @@ class Scheduler:
         kept (the tokens after one that stops the sequence are dropped)."""
         self.num_steps += 1
         updated = []
+        for rid in result.failed:
+            req = self.requests.get(rid)
+            if req is not None and req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+                self._free(req, RequestStatus.FINISHED_ERROR)
+                updated.append((req, 0))
         for rid, tokens in zip(result.req_ids, result.sampled_token_ids):
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING:

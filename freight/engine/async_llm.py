@@ -171,14 +171,14 @@ class AsyncLLM:
         if final is not None:
             self._observe([final])
 
-    def _forget(self, request_id: str, abort: bool) -> Optional[RequestOutput]:
+    def _forget(self, request_id: str, abort: bool, reason: str = "abort") -> Optional[RequestOutput]:
         """Drop an unfinished request here (under the lock), aborting it in its core."""
         engine = self._engine_of.pop(request_id, None)
         if engine is None:
             return None
         self._load[engine] -= 1
         seq_ids = self.output_processor.sequence_ids(request_id)
-        final = self.output_processor.finish(request_id, "abort")
+        final = self.output_processor.finish(request_id, reason)
         if abort and self._dead is None:
             self.client.finish_requests(seq_ids, engine)
         return final
@@ -254,13 +254,11 @@ class AsyncLLM:
             if outs.stats is not None:
                 self._stats[outs.engine_index] = outs.stats
                 self._added_since_stats[outs.engine_index] = 0
-            normal = outs.outputs
-            if outs.error is not None:
-                normal = [o for o in outs.outputs if o.finish_reason != "error"]
-                for o in outs.outputs:
-                    rid = self.output_processor.owner(o.request_id)
-                    if o.finish_reason == "error" and rid is not None:
-                        failed.append((self._streams.pop(rid, None), self._forget(rid, abort=True)))
+            normal = [o for o in outs.outputs if o.finish_reason != "error"]
+            for o in outs.outputs:
+                rid = self.output_processor.owner(o.request_id)
+                if o.finish_reason == "error" and rid is not None:  # fail the whole request (every sequence)
+                    failed.append((self._streams.pop(rid, None), self._forget(rid, True, "error"), rid, o.error))
             outputs, stopped = self.output_processor.process_outputs(normal)
             if stopped:  # stop strings: the text is final, free the sequences' blocks now
                 self.client.finish_requests(stopped, outs.engine_index, stopped=True)
@@ -274,11 +272,12 @@ class AsyncLLM:
                     stream = self._streams.get(out.request_id)
                 if stream is not None:
                     deliveries.append((stream, out))
-        if failed:
-            error = EngineStepError(f"the engine failed while running this request: {outs.error}")
-            logger.error("engine step failed; failed %d in-flight request(s): %s", len(failed), outs.error)
-            deliveries += [(s, error) for s, _ in failed if s is not None]
-            outputs = outputs + [f for _, f in failed if f is not None]
+        for stream, final, rid, why in failed:
+            logger.error("request %s failed in the engine: %s", rid, why)
+            if stream is not None:
+                deliveries.append((stream, EngineStepError(f"the engine failed while running this request: {why}")))
+            if final is not None:
+                outputs.append(final)
         self._observe(outputs)
         deliver(deliveries)
 

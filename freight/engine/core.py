@@ -88,6 +88,13 @@ class EngineCore:
     def abort_all(self) -> list[str]:
         return self.finish_requests(list(self.scheduler.requests))
 
+    def recover_from_failed_step(self) -> list[str]:
+        """After a step raised (the forward itself): abort everything in flight and forget the prefix
+        cache, whose blocks of that step may never have been written. Returns the aborted ids."""
+        aborted = self.abort_all()
+        self.kv_cache.reset_prefix_cache()
+        return aborted
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
@@ -99,12 +106,12 @@ class EngineCore:
         sampled = dict(zip(runner_out.req_ids, zip(runner_out.sampled_token_ids, runner_out.sampled_logprobs)))
         outputs = []
         for req, n in updated:
-            tokens, lps = sampled[req.request_id]
+            tokens, lps = sampled.get(req.request_id, ([], []))
             outputs.append(EngineCoreOutput(
                 req.request_id, tokens[:n], lps[:n], runner_out.logprobs.get(req.request_id),
                 runner_out.prompt_logprobs.get(req.request_id),
                 req.status.value if req.status.finished else None, req.stop_reason,
-                max(req.num_cached_tokens, 0), req.first_scheduled_time))
+                max(req.num_cached_tokens, 0), req.first_scheduled_time, runner_out.failed.get(req.request_id)))
         seen = {r.request_id for r, _ in updated}
         for rid, lps in runner_out.prompt_logprobs.items():  # prompt chunks that sampled nothing yet
             if rid not in seen:

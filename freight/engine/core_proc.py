@@ -7,8 +7,9 @@ blocks on the input queue. It never does I/O itself: in its own process
 queues, so a step never waits on a socket and the step thread is the only one that
 runs torch ops (a second OpenMP pool would stop libgomp spinning and slow every step).
 
-A step that raises fails only the requests in flight: they are aborted (their blocks
-freed) and reported with finish_reason "error"; the loop goes on. SHUTDOWN aborts
+A step that raises fails the requests in flight: they are aborted (their blocks freed,
+the prefix cache forgotten) and reported with finish_reason "error"; the loop goes on.
+A request whose own preparation or sampling fails is failed alone by the runner. SHUTDOWN aborts
 everything and returns.
 """
 
@@ -73,8 +74,8 @@ class EngineCoreProc:
                 self.core.add_request(payload)
             except Exception as e:  # validated by the frontend already; report instead of dying
                 logger.exception("could not add request %s", payload.request_id)
-                self.emit(EngineCoreOutputs(self.core.engine_index, [_error_output(payload.request_id)],
-                                            error=f"{type(e).__name__}: {e}"))
+                self.emit(EngineCoreOutputs(self.core.engine_index,
+                                            [_error_output(payload.request_id, f"{type(e).__name__}: {e}")]))
         elif kind == RequestType.ABORT:
             self.core.finish_requests(payload.request_ids, payload.stopped)
         elif kind == RequestType.UTILITY:
@@ -85,14 +86,15 @@ class EngineCoreProc:
             outputs = self.core.step()
         except Exception as e:
             logger.exception("engine step failed; failing the requests in flight")
-            failed = self.core.abort_all()  # frees their blocks; if even that raises, the core is dead
-            outputs = EngineCoreOutputs(self.core.engine_index, [_error_output(rid) for rid in failed],
-                                        self.core.make_stats(), error=f"{type(e).__name__}: {e}")
+            failed = self.core.recover_from_failed_step()  # if even that raises, the core is dead
+            why = f"the engine step failed: {type(e).__name__}: {e}"
+            outputs = EngineCoreOutputs(self.core.engine_index, [_error_output(rid, why) for rid in failed],
+                                        self.core.make_stats())
         self.emit(outputs)
 
 
-def _error_output(request_id: str) -> EngineCoreOutput:
-    return EngineCoreOutput(request_id, [], [], finish_reason="error")
+def _error_output(request_id: str, error: str) -> EngineCoreOutput:
+    return EngineCoreOutput(request_id, [], [], finish_reason="error", error=error)
 
 
 # -- the engine-core process ---------------------------------------------------------------

@@ -111,8 +111,9 @@ class LLMEngine:
             return []
         if core_out.stats is not None:
             self._stats[core_out.engine_index] = core_out.stats
-        if core_out.error is not None:
-            raise RuntimeError(f"engine step failed: {core_out.error}")
+        for o in core_out.outputs:
+            if o.finish_reason == "error":  # that request ends with finish_reason "error"; the others go on
+                logger.error("request %s failed in the engine: %s", o.request_id, o.error)
         outputs, stopped = self.output_processor.process_outputs(core_out.outputs)
         if stopped:  # stop strings: the text is final, free the sequences' blocks now
             self.client.finish_requests(stopped, core_out.engine_index, stopped=True)

@@ -41,13 +41,13 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True, array_like=True):
     stop_reason: Union[int, str, None] = None
     num_cached_tokens: int = 0
     first_scheduled_time: Optional[float] = None          # time.monotonic(), the same clock in every process
+    error: Optional[str] = None                           # why, with finish_reason "error"
 
 
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True, tag=True):
     engine_index: int = 0
     outputs: list[EngineCoreOutput] = []
     stats: Optional[SchedulerStats] = None
-    error: Optional[str] = None       # a step failed: every listed output finished with "error"
 
 
 class EngineCoreReady(msgspec.Struct, tag=True):

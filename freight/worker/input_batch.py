@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from freight.layers.attention import AttentionMetadata, PrefillChunk
+from freight.sampling_params import SamplingParams
 from freight.step_contract import NewRequestData, SchedulerOutput
 from freight.worker.request_state import CachedRequestState
 from freight.worker.sampling_tensors import TokenCounts
@@ -50,7 +51,13 @@ class InputBatch:
         for rid in [r for r in self.req_index if r not in out.num_scheduled_tokens]:
             self.remove(rid)
         for new in out.scheduled_new_reqs:
-            state = self.requests[new.req_id] = self._new_state(new)
+            try:
+                state = self._new_state(new)
+            except Exception as e:  # fail this request only (see CachedRequestState.error)
+                state = CachedRequestState(new.req_id, new.prompt_token_ids, SamplingParams(), frozenset(),
+                                           list(new.block_ids), new.num_computed_tokens, fork_of=new.parent_req_id,
+                                           error=f"preparing the request failed: {type(e).__name__}: {e}")
+            self.requests[new.req_id] = state
             self.add(state)
         for cached in out.scheduled_cached_reqs:
             state = self.requests[cached.req_id]

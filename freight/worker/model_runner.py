@@ -14,7 +14,8 @@ import torch
 from freight.layers.attention import kv_cache_shape, needs_zeroed_cache
 from freight.model_config import ModelConfig
 from freight.step_contract import LogprobsLists, ModelRunnerOutput, SchedulerOutput
-from freight.worker.input_batch import InputBatch, ModelInput, build_model_input
+from freight.worker.input_batch import InputBatch, ModelInput, PromptRows, build_model_input
+from freight.worker.request_state import CachedRequestState
 from freight.worker.kv_prefault import prefault_in_background
 from freight.worker.sampler import Sampler
 from freight.worker.sampling_tensors import SamplingTensors
@@ -94,17 +95,39 @@ class ModelRunner:
             self._sample(logits[:n], inp, result)
         if inp.prompt_rows:
             self._prompt_logprobs(logits[n:], inp, result)
+        for state in self.batch.reqs[:self.batch.num_reqs]:
+            if state.error is not None:
+                result.failed[state.req_id] = state.error
         return result
 
     def _sample(self, logits: torch.Tensor, inp: ModelInput, result: ModelRunnerOutput) -> None:
         states = inp.sampling
-        st = SamplingTensors.from_requests(states, [s.generator for s in states], self.cfg.vocab_size, self.device)
-        so = self.sampler(logits, st)
+        rows = [i for i, s in enumerate(states) if s.error is None]
+        try:
+            self._sample_rows(logits, states, rows, result)
+        except Exception:
+            # One request's parameters must not fail the others: sample the rows one by one and
+            # fail only those that raise (greedy rows give the very same tokens).
+            for i in rows:
+                try:
+                    self._sample_rows(logits, states, [i], result)
+                except Exception as e:
+                    logger.exception("sampling failed for request %s", states[i].req_id)
+                    states[i].error = f"sampling failed: {type(e).__name__}: {e}"
+
+    def _sample_rows(self, logits: torch.Tensor, states: list[CachedRequestState], rows: list[int],
+                     result: ModelRunnerOutput) -> None:
+        """Sample the given rows; result and states change only once everything has succeeded."""
+        if not rows:
+            return
+        picked = [states[i] for i in rows]
+        st = SamplingTensors.from_requests(picked, [s.generator for s in picked], self.cfg.vocab_size, self.device)
+        so = self.sampler(logits[rows] if len(rows) < len(states) else logits, st)
         token_ids = so.token_ids.tolist()
         logprobs = so.logprobs.tolist()
         top_ids = so.top_token_ids.tolist() if so.top_token_ids is not None else None
         top_lps = so.top_logprobs.tolist() if so.top_logprobs is not None else None
-        for i, s in enumerate(states):
+        for i, s in enumerate(picked):
             tok, k = token_ids[i], s.sampling_params.logprobs
             result.req_ids.append(s.req_id)
             result.sampled_token_ids.append([tok])
@@ -122,10 +145,18 @@ class ModelRunner:
             ids = pr.state.prompt_token_ids
             part = lps[row:row + pr.count]
             row += pr.count
-            targets = torch.tensor(ids[pr.first_position + 1:pr.first_position + 1 + pr.count], device=self.device)
-            chosen = part.gather(1, targets[:, None]).squeeze(1).tolist()
-            k = pr.state.sampling_params.prompt_logprobs
-            top_lp, top_ids = part.topk(k, dim=-1) if k > 0 else (None, None)
-            result.prompt_logprobs[pr.state.req_id] = _logprobs_lists(
-                targets.tolist(), chosen, top_ids.tolist() if k > 0 else None,
-                top_lp.tolist() if k > 0 else None, [k] * pr.count)
+            if pr.state.error is not None:
+                continue
+            try:
+                result.prompt_logprobs[pr.state.req_id] = self._prompt_logprobs_of(part, ids, pr)
+            except Exception as e:
+                logger.exception("prompt logprobs failed for request %s", pr.state.req_id)
+                pr.state.error = f"prompt logprobs failed: {type(e).__name__}: {e}"
+
+    def _prompt_logprobs_of(self, part: torch.Tensor, ids: list[int], pr: PromptRows) -> LogprobsLists:
+        targets = torch.tensor(ids[pr.first_position + 1:pr.first_position + 1 + pr.count], device=self.device)
+        chosen = part.gather(1, targets[:, None]).squeeze(1).tolist()
+        k = pr.state.sampling_params.prompt_logprobs
+        top_lp, top_ids = part.topk(k, dim=-1) if k > 0 else (None, None)
+        return _logprobs_lists(targets.tolist(), chosen, top_ids.tolist() if k > 0 else None,
+                               top_lp.tolist() if k > 0 else None, [k] * pr.count)

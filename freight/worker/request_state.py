@@ -30,6 +30,9 @@ class CachedRequestState:
     num_prompt_logprobs_done: int = 0  # prompt positions whose logprobs were sent (survives preemption)
     token_counts: Optional[TokenCounts] = None  # penalties' statistics, when the request uses penalties
     fork_of: Optional[str] = None  # a fork not yet sampled: its first token comes from this request's row
+    # Set when preparing or sampling this request failed: its tokens still run through the forward
+    # (so the KV blocks it shares stay valid), but it samples nothing and the step reports it failed.
+    error: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -26,15 +26,18 @@ from typing import Optional
 
 import uvicorn
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from freight import __version__
 from freight.engine.async_llm import AsyncLLM
+from freight.config import parse_size
 from freight.entrypoints.openai.errors import APIError, install_error_handlers
+from freight.entrypoints.openai.preprocess import PromptPreparer
 from freight.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                                 DetokenizeResponse, ModelList, TokenizeRequest, TokenizeResponse,
-                                                 VersionResponse)
+                                                 DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest,
+                                                 TokenizeResponse, VersionResponse)
 from freight.entrypoints.openai.serving_chat import OpenAIServingChat
 from freight.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from freight.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
@@ -47,11 +50,16 @@ DEFAULT_MODEL_NAME = "freight-default"  # the served name of the bundled model
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
 
 
+DEFAULT_MAX_BODY_BYTES = 16 * 1024**2
+
+
 @dataclass
 class ServerSettings:
     served_model_names: list[str]
     model_path: str
     api_key: Optional[str] = None
+    trust_request_chat_template: bool = False
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_path: str) -> "ServerSettings":
@@ -59,7 +67,10 @@ class ServerSettings:
         # install detail, so it gets a stable name instead.
         given = getattr(args, "model_tag", None) or getattr(args, "model", None)
         names = getattr(args, "served_model_name", None) or [given or DEFAULT_MODEL_NAME]
-        return cls(served_model_names=list(names), model_path=model_path, api_key=resolve_api_key(args))
+        body = getattr(args, "max_request_body_size", None)
+        return cls(served_model_names=list(names), model_path=model_path, api_key=resolve_api_key(args),
+                   trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
+                   max_request_body_bytes=parse_size(body) if body is not None else DEFAULT_MAX_BODY_BYTES)
 
 
 def resolve_api_key(args: argparse.Namespace) -> Optional[str]:
@@ -71,17 +82,59 @@ class APIKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         auth = dict(scope["headers"]).get(b"authorization", b"")
-        if not secrets.compare_digest(auth, self.expected):
+        scheme, _, token = auth.strip().partition(b" ")
+        # The auth scheme is case-insensitive (RFC 9110); the key is not.
+        if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.expected):
             msg = ("Incorrect API key provided." if auth else
                    "You didn't provide an API key. Provide it in an Authorization header: 'Bearer YOUR_KEY'.")
             return await APIError(msg, 401, code="invalid_api_key").response()(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+class _BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"The request body is larger than this server's limit of {limit} bytes.")
+
+
+class BodySizeLimitMiddleware:
+    """413 for a body over the limit: at once from Content-Length, or as soon as a chunked body passes it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            exc = _BodyTooLarge(self.max_bytes)
+            return await APIError(exc.detail, 413, code="request_too_large").response()(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(self.max_bytes)  # FastAPI answers it through the HTTP error handler
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+# Documented on every API route (FastAPI lists only 200 and 422 by itself).
+_ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "invalid request (the message and 'param' say which field)"), (401, "missing or wrong API key"),
+    (404, "unknown model"), (413, "request body too large"), (500, "the engine failed"),
+    (503, "overloaded, shutting down or engine stopped (see Retry-After)"))}
 
 
 def build_app(async_llm: AsyncLLM, args) -> FastAPI:
@@ -90,14 +143,16 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     names = settings.served_model_names
     metrics = ServerMetrics(names[0], async_llm.get_engine_stats)
     async_llm.output_observers.append(metrics.observe)
-    completion = OpenAIServingCompletion(async_llm, names)
-    chat = OpenAIServingChat(async_llm, names)
-    tokenization = OpenAIServingTokenization(async_llm, names)
+    prep = PromptPreparer(async_llm.tokenizer, async_llm.max_model_len, settings.trust_request_chat_template)
+    completion = OpenAIServingCompletion(async_llm, names, prep)
+    chat = OpenAIServingChat(async_llm, names, prep)
+    tokenization = OpenAIServingTokenization(async_llm, names, prep)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         async_llm.begin_shutdown()  # idempotent; the owner joins the engine thread
+        prep.close()
 
     app = FastAPI(title="freight", version=__version__, lifespan=lifespan)
     app.state.async_llm = async_llm
@@ -105,6 +160,7 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     install_error_handlers(app)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
 
     @app.get("/health")
     async def health() -> Response:
@@ -112,7 +168,7 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
             return APIError("the engine has stopped", 503, code="engine_dead").response()
         return Response(status_code=200)
 
-    @app.get("/ping")
+    @app.api_route("/ping", methods=["GET", "POST"])
     async def ping() -> Response:
         return await health()
 
@@ -128,19 +184,19 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     async def models() -> ModelList:
         return tokenization.models(settings.model_path)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_ERROR_RESPONSES)
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
-        return tokenization.tokenize(request)
+        return await tokenization.tokenize(request)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_ERROR_RESPONSES)
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
-        return tokenization.detokenize(request)
+        return await tokenization.detokenize(request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_ERROR_RESPONSES)
     async def completions(request: CompletionRequest, raw: Request) -> Response:
         return await completion.create(request, raw)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         return await chat.create(request, raw)
 

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from freight.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
+from freight.entrypoints.openai.protocol import ErrorInfo, ErrorResponse, InvalidUnicodeError
 
 logger = logging.getLogger(__name__)
 
@@ -28,30 +28,41 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "inva
 class APIError(Exception):
     """Raised anywhere in a handler to answer with an OpenAI-shaped error."""
 
+    RETRY_AFTER_S = 1  # what a 503 (overloaded, draining, engine gone) tells clients to wait
+
     def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
-                 code: Union[str, int, None] = None, type: Optional[str] = None):
+                 code: Union[str, int, None] = None, type: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = dict(headers or {})
+        if status == 503:
+            self.headers.setdefault("Retry-After", str(self.RETRY_AFTER_S))
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
                                              code=self.code))
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
     return APIError(message, 400, param=param, code=code)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
 def _loc_param(loc: tuple[Any, ...]) -> Optional[str]:
-    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
-    parts = [p for p in loc if p != "body"]
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'; a union's member tags are dropped
+    (('body', 'prompt', 'list[int]', 0) -> 'prompt[0]')."""
+    parts = [p for p in loc if p != "body" and not (isinstance(p, str) and (
+        not p.isidentifier() or p.lower() in _TYPE_TAGS))]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -63,10 +74,15 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return bad_request("invalid request")
     first = errors[0]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, InvalidUnicodeError):
+        return bad_request(str(cause), param=cause.param, code="invalid_unicode")
     if first.get("type") == "json_invalid":
         return bad_request(f"Invalid JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}",
                            code="invalid_json")
     param = _loc_param(tuple(first.get("loc", ())))
+    if first.get("type") == "missing" and param is None:
+        return bad_request("The request body is missing; expected a JSON object.", code="missing_body")
     if first.get("type") == "missing":
         return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if param is None:  # the body itself, e.g. a JSON array instead of an object
@@ -92,9 +108,10 @@ def install_error_handlers(app: FastAPI) -> None:
         except ValueError:
             phrase = "Error"
         message = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else phrase
-        return APIError(message, exc.status_code, code=exc.status_code).response()
+        # e.g. 405's Allow header
+        return APIError(message, exc.status_code, code=exc.status_code, headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error in a request handler")
-        return APIError(f"Internal server error: {type(exc).__name__}: {exc}", 500).response()
+        logger.exception("unhandled error in a request handler")  # the details go to the log, not the client
+        return APIError("Internal server error; the server log has the details.", 500).response()

@@ -1,9 +1,12 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic).
 
-Requests allow extra fields: vLLM's extensions (top_k, min_tokens, ignore_eos, ...)
-arrive that way and are matched against SamplingParams at request time (see
-serving_engine.to_sampling_params), so anything neither the server nor the engine
-understands is refused with a 400 naming it instead of being dropped silently.
+Requests are validated strictly: a boolean must be a JSON boolean, an integer a JSON
+integer (not true, not "5"), a string valid Unicode (no lone surrogates); each failure
+is a 400 naming the field. Requests allow extra fields: vLLM's extensions (top_k,
+min_tokens, ignore_eos, ...) arrive that way and are matched against SamplingParams at
+request time (see serving_engine.to_sampling_params), which checks their types and
+ranges too, so anything neither the server nor the engine understands is refused with a
+400 naming it instead of being dropped silently.
 """
 
 from __future__ import annotations
@@ -11,11 +14,39 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class InvalidUnicodeError(ValueError):
+    def __init__(self, param: str):
+        super().__init__(f"'{param}' is not valid Unicode (it holds a lone surrogate)")
+        self.param = param
+
+
+def check_unicode(value: Any, path: str = "") -> None:
+    """Raise InvalidUnicodeError naming the first string (or key) in value that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidUnicodeError(path or "body") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, path)
+            check_unicode(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_unicode(v, f"{path}[{i}]")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        check_unicode(data)
+        return data
 
 
 class _Response(BaseModel):

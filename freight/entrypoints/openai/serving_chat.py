@@ -123,8 +123,11 @@ class OpenAIServingChat(OpenAIServing):
         if req.stream_options is not None and not req.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
         messages = parse_messages(req.messages)
-        text, ids = render_chat(self.tokenizer, messages, req.chat_template, req.add_generation_prompt,
-                                req.continue_final_message, req.chat_template_kwargs, req.add_special_tokens)
+        text, ids = await self.prep.render(render_chat, messages, req.chat_template,
+                                           add_generation_prompt=req.add_generation_prompt,
+                                           continue_final_message=req.continue_final_message,
+                                           template_kwargs=req.chat_template_kwargs,
+                                           add_special_tokens=req.add_special_tokens)
         self.check_context(len(ids), None, "messages")
         # Without a limit a chat reply may fill the rest of the context (OpenAI's and vLLM's default).
         params = self._sampling_params(req, default_max_tokens=self.engine.max_model_len - len(ids))

@@ -13,7 +13,7 @@ from freight.entrypoints.openai.errors import bad_request
 from freight.entrypoints.openai.logprobs import TokenStrings, completion_logprobs
 from freight.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
                                                  CompletionResponse, usage)
-from freight.entrypoints.openai.serving_engine import (MAX_LOGPROBS, SSE_DONE, OpenAIServing, SSEResponse,
+from freight.entrypoints.openai.serving_engine import (MAX_LOGPROBS, MAX_N, MAX_PROMPTS, SSE_DONE, OpenAIServing, SSEResponse,
                                                        check_common, extra_values, final_outputs, merge_streams,
                                                        random_id, sse, sse_error, to_sampling_params,
                                                        until_disconnect)
@@ -47,7 +47,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.stream_options is not None and not req.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
         params = self._sampling_params(req)
-        prompts = self._prompts(req)
+        prompts = await self._prompts(req)
         for _, ids in prompts:
             self.check_context(len(ids), params.max_tokens)
         request_id = random_id("cmpl")
@@ -76,7 +76,7 @@ class OpenAIServingCompletion(OpenAIServing):
         values.update(extras)
         return to_sampling_params(values)
 
-    def _prompts(self, req: CompletionRequest) -> list[Prompt]:
+    async def _prompts(self, req: CompletionRequest) -> list[Prompt]:
         p = req.prompt
         if isinstance(p, str):
             items: list = [p]
@@ -86,10 +86,17 @@ class OpenAIServingCompletion(OpenAIServing):
             items = [p]
         else:
             items = list(p)
+        if len(items) > MAX_PROMPTS:
+            raise bad_request(f"Too many prompts: {len(items)}; at most {MAX_PROMPTS} in one request.",
+                              param="prompt", code="too_many_prompts")
+        if len(items) * req.n > MAX_N:
+            raise bad_request(f"{len(items)} prompts with n={req.n} ask for {len(items) * req.n} completions; at "
+                              f"most {MAX_N} in one request.", param="n", code="invalid_value")
+        self.prep.check_length([i for i in items if isinstance(i, str)], "prompt")
         prompts = []
         for item in items:
             if isinstance(item, str):
-                prompts.append((item, self.tokenizer(item, add_special_tokens=req.add_special_tokens).input_ids))
+                prompts.append((item, await self.prep.tokenize(item, req.add_special_tokens)))
             elif not item:
                 raise bad_request("'prompt' must not contain an empty list of token ids.", param="prompt")
             else:

@@ -20,12 +20,14 @@ from freight.engine.async_llm import (AsyncLLM, EngineDeadError, EngineOverloade
                                       EngineStepError, RequestStream)
 from freight.engine.llm_engine import PromptError
 from freight.entrypoints.openai.errors import APIError, bad_request
+from freight.entrypoints.openai.preprocess import PromptPreparer
 from freight.outputs import RequestOutput
 from freight.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
 
 MAX_N = 128           # OpenAI's limit on n
+MAX_PROMPTS = 256     # prompts in one /v1/completions request
 MAX_LOGPROBS = 20     # vLLM's default max_logprobs (OpenAI: 5 for completions, 20 for chat)
 
 # Parameters that may be sent but do not change what is generated (end-user ids, storage
@@ -120,19 +122,21 @@ def engine_error(e: BaseException, prompt_param: str = "prompt") -> APIError:
         return APIError(str(e), 503, code="server_overloaded")
     if isinstance(e, (EngineShutdownError, EngineDeadError)):
         return APIError(str(e), 503, code="service_unavailable")
-    if isinstance(e, EngineStepError):
-        return APIError(str(e), 500, code="engine_error")
+    if isinstance(e, EngineStepError):  # the exception's text is in the server log, not for clients
+        return APIError("The engine failed while running this request; the server log has the details.", 500,
+                        code="engine_error")
     if isinstance(e, ValueError):
         return bad_request(str(e))
     logger.error("unexpected error while serving a request", exc_info=e)
-    return APIError(f"Internal server error: {type(e).__name__}: {e}", 500)
+    return APIError("Internal server error; the server log has the details.", 500)
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str]):
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], prep: PromptPreparer):
         self.engine = engine
         self.served_model_names = served_model_names
-        self.tokenizer = engine.tokenizer
+        self.prep = prep
+        self.tokenizer = engine.tokenizer  # only on prep's thread for anything that can be large
 
     @property
     def model_name(self) -> str:
