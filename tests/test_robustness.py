@@ -108,6 +108,7 @@ def test_openapi_lists_the_error_responses(server):  # noqa: F811
     for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
         responses = doc["paths"][path]["post"]["responses"]
         assert {"400", "401", "413", "503"} <= set(responses), (path, sorted(responses))
+        assert "422" not in responses, "validation errors are answered with 400, never 422"
         assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
 
 

@@ -189,6 +189,7 @@ def test_overload_503(small_server):
     for r in refused:
         err = assert_openai_error(r, 503)
         assert err["code"] == "server_overloaded"
+        assert int(r.headers["retry-after"]) >= 1
     wait_for_idle(small_server)
     r = httpx.post(small_server.url("/v1/completions"), json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200, r.text

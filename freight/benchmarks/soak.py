@@ -5,7 +5,7 @@ completions; streamed and not; n 1 or 2; some with logprobs, some with stop stri
 asking for 1..--max-tokens tokens) is sent with at most --concurrency in flight. A share of
 them (--abort-fraction) is abandoned by the client mid-request: a stream after its first
 chunk(s), a plain request after a short random delay. Every response that is not abandoned
-must be a 200 with a well-formed body (see `_check_full` and `_StreamCheck`); anything else
+must be a 200 with a well-formed body (see `soak_checks`); anything else
 is counted as malformed (and a 5xx as a server error), with the first few kept as examples.
 
 Afterwards /metrics is polled until the server is idle again (nothing running or waiting,
@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -30,12 +29,12 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from freight.benchmarks.report import print_table, write_json
+from freight.benchmarks.soak_checks import Malformed, Plan, StreamCheck, check_full
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben went to the park", "One day, a bird",
            "Tom had a red ball", "The sun was", "Sara wanted to", "A big fish", "There was a girl named",
            "The cat and the"]
 STOPS: list[Any] = [".", "\n", " the", "!", ["Lily", "Tom"], [".", "?"], "and"]
-FINISH_REASONS = ("stop", "length")
 MAX_EXAMPLES = 5
 EXAMPLE_CHARS = 400
 
@@ -64,30 +63,6 @@ class SoakConfig:
             raise ValueError("--timeout and the abort delay must be positive, --idle-timeout not negative")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError("the warm-up fraction must be in [0, 1)")
-
-
-@dataclass
-class Plan:
-    """One request: where it goes, its body, and whether (and when) the client hangs up."""
-    index: int
-    chat: bool
-    body: dict
-    num_choices: int
-    stops: list[str]
-    abort_after_chunks: int = 0       # streams: hang up after this many data events (0: never)
-    abort_after_s: float = 0.0        # plain requests: hang up after this many seconds (0: never)
-
-    @property
-    def path(self) -> str:
-        return "/v1/chat/completions" if self.chat else "/v1/completions"
-
-    @property
-    def stream(self) -> bool:
-        return bool(self.body.get("stream"))
-
-    @property
-    def aborting(self) -> bool:
-        return bool(self.abort_after_chunks or self.abort_after_s)
 
 
 @dataclass
@@ -162,140 +137,6 @@ def _plan(rng: random.Random, i: int, cfg: SoakConfig, model: str, chat: bool,
 
 
 # -- response checks -------------------------------------------------------------------
-class Malformed(Exception):
-    pass
-
-
-def _need(cond: bool, problem: str) -> None:
-    if not cond:
-        raise Malformed(problem)
-
-
-def _check_usage(u: Any, num_choices: int, max_tokens: int) -> None:
-    _need(isinstance(u, dict), f"usage is not an object: {u!r}")
-    vals = [u.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
-    _need(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vals),
-          f"usage counts are not non-negative integers: {u!r}")
-    _need(vals[0] + vals[1] == vals[2], f"usage total_tokens != prompt_tokens + completion_tokens: {u!r}")
-    _need(vals[1] <= num_choices * max_tokens, f"usage completion_tokens over n * max_tokens: {u!r}")
-
-
-def _check_stops(text: str, stops: list[str], where: str) -> None:
-    for s in stops:
-        _need(s not in text, f"{where} contains its stop string {s!r}: {text!r}")
-
-
-def _check_logprobs(plan: Plan, lp: Any, where: str) -> None:
-    if plan.chat:
-        _need(isinstance(lp, dict) and isinstance(lp.get("content"), list), f"{where}.logprobs has no content list")
-        for item in lp["content"]:
-            _need(isinstance(item, dict) and isinstance(item.get("token"), str) and
-                  isinstance(item.get("logprob"), (int, float)), f"{where}.logprobs item malformed: {item!r}")
-            tops = item.get("top_logprobs")
-            _need(isinstance(tops, list) and len(tops) <= plan.body.get("top_logprobs", 0),
-                  f"{where}.logprobs top_logprobs malformed: {item!r}")
-    else:
-        _need(isinstance(lp, dict), f"{where}.logprobs is not an object")
-        tokens, token_lps = lp.get("tokens"), lp.get("token_logprobs")
-        _need(isinstance(tokens, list) and isinstance(token_lps, list) and len(tokens) == len(token_lps),
-              f"{where}.logprobs tokens/token_logprobs missing or of different lengths")
-
-
-def _wants_logprobs(plan: Plan) -> bool:
-    return bool(plan.body.get("logprobs")) if plan.chat else plan.body.get("logprobs") is not None
-
-
-def _check_full(plan: Plan, data: Any) -> None:
-    """A non-streamed response body."""
-    _need(isinstance(data, dict), "body is not a JSON object")
-    _need("error" not in data, "body has an 'error'")
-    choices = data.get("choices")
-    _need(isinstance(choices, list) and len(choices) == plan.num_choices,
-          f"expected {plan.num_choices} choice(s), got {len(choices) if isinstance(choices, list) else choices!r}")
-    _need(sorted(c.get("index") if isinstance(c, dict) else None for c in choices) == list(range(plan.num_choices)),
-          "choice indexes are not 0..len-1")
-    for c in choices:
-        where = f"choices[{c['index']}]"
-        _need(c.get("finish_reason") in FINISH_REASONS, f"{where}.finish_reason is {c.get('finish_reason')!r}")
-        if plan.chat:
-            msg = c.get("message")
-            _need(isinstance(msg, dict) and msg.get("role") == "assistant" and isinstance(msg.get("content"), str),
-                  f"{where}.message malformed: {msg!r}")
-            text = msg["content"]
-        else:
-            text = c.get("text")
-            _need(isinstance(text, str), f"{where}.text is not a string")
-        _check_stops(text, plan.stops, where)
-        if _wants_logprobs(plan):
-            _check_logprobs(plan, c.get("logprobs"), where)
-    _check_usage(data.get("usage"), plan.num_choices, plan.body["max_tokens"])
-
-
-class _StreamCheck:
-    """Server-sent events of one stream, checked as they arrive."""
-
-    def __init__(self, plan: Plan):
-        self.plan = plan
-        self.events = 0            # data events (JSON ones)
-        self.done = False          # [DONE] seen
-        self.texts = [""] * plan.num_choices
-        self.finished = [False] * plan.num_choices
-        self.last: Optional[dict] = None
-
-    def line(self, line: str) -> None:
-        if not line.startswith("data:"):
-            _need(not line.strip() or line.startswith((":", "event:", "id:", "retry:")),
-                  f"unexpected line in the stream: {line[:200]!r}")
-            return
-        payload = line[5:].strip()
-        _need(not self.done, f"data after [DONE]: {payload[:200]!r}")
-        if payload == "[DONE]":
-            self.done = True
-            return
-        try:
-            event = json.loads(payload)
-        except ValueError:
-            raise Malformed(f"data line is not JSON: {payload[:200]!r}") from None
-        _need(isinstance(event, dict), f"event is not an object: {payload[:200]!r}")
-        _need("error" not in event, f"error event: {payload[:300]}")
-        self.events += 1
-        self.last = event
-        choices = event.get("choices")
-        _need(isinstance(choices, list), f"event without a choices list: {payload[:200]!r}")
-        for c in choices:
-            _need(isinstance(c, dict), "choice is not an object")
-            i = c.get("index")
-            _need(isinstance(i, int) and 0 <= i < self.plan.num_choices, f"choice index {i!r} out of range")
-            _need(not self.finished[i], f"choices[{i}] continues after its finish_reason")
-            if self.plan.chat:
-                delta = c.get("delta")
-                _need(isinstance(delta, dict), f"choices[{i}].delta is not an object")
-                piece = delta.get("content") or ""
-            else:
-                piece = c.get("text")
-                _need(isinstance(piece, str), f"choices[{i}].text is not a string")
-            _need(isinstance(piece, str), f"choices[{i}] content is not a string")
-            self.texts[i] += piece
-            reason = c.get("finish_reason")
-            if reason is not None:
-                _need(reason in FINISH_REASONS, f"choices[{i}].finish_reason is {reason!r}")
-                self.finished[i] = True
-            if c.get("logprobs") is not None and _wants_logprobs(self.plan):
-                _check_logprobs(self.plan, c["logprobs"], f"choices[{i}]")
-
-    def end(self) -> None:
-        _need(self.done, "the stream ended without [DONE]")
-        missing = [i for i, f in enumerate(self.finished) if not f]
-        _need(not missing, f"choice(s) {missing} never got a finish_reason")
-        for i, text in enumerate(self.texts):
-            _check_stops(text, self.plan.stops, f"choices[{i}]")
-        if (self.plan.body.get("stream_options") or {}).get("include_usage"):
-            last = self.last or {}
-            _need(last.get("choices") == [], "the last event is not the usage chunk (choices [])")
-            _check_usage(last.get("usage"), self.plan.num_choices, self.plan.body["max_tokens"])
-
-
-# -- sending ----------------------------------------------------------------------------
 async def _send(client, plan: Plan) -> Outcome:
     start = time.perf_counter()
     if plan.stream:
@@ -312,7 +153,7 @@ async def _send(client, plan: Plan) -> Outcome:
     if bad:
         return bad
     try:
-        _check_full(plan, resp.json())
+        check_full(plan, resp.json())
     except ValueError as e:  # Malformed, and JSON errors
         return Outcome("malformed", resp.status_code, problem=str(e) if isinstance(e, Malformed) else
                        f"body is not JSON ({e})", excerpt=resp.text[:EXAMPLE_CHARS])
@@ -320,7 +161,7 @@ async def _send(client, plan: Plan) -> Outcome:
 
 
 async def _send_stream(client, plan: Plan, start: float) -> Outcome:
-    check = _StreamCheck(plan)
+    check = StreamCheck(plan)
     seen: list[str] = []
     async with client.stream("POST", plan.path, json=plan.body) as resp:
         if resp.status_code != 200:
@@ -380,19 +221,14 @@ async def _run_plans(client, plans: list[Plan], concurrency: int, deadline: floa
 
 
 # -- the server's side ------------------------------------------------------------------
-_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-
-
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {sample name: sum over its label sets}."""
+    """Prometheus text -> {sample name: sum over its label sets} (prometheus_client's own parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m:
-            try:
-                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
-            except ValueError:
-                pass
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 
@@ -481,30 +317,35 @@ async def run_soak(cfg: SoakConfig, on_warmup: Optional[Callable[[], Any]] = Non
     limits = httpx.Limits(max_connections=cfg.concurrency + 2, max_keepalive_connections=cfg.concurrency + 2)
     started = time.monotonic()
     deadline = started + cfg.timeout
+    # trust_env=False: no proxy from the environment; nothing but --base-url is contacted.
     async with httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(min(cfg.timeout, 300.0))) as client:
+                                 timeout=httpx.Timeout(min(cfg.timeout, 300.0)), trust_env=False) as client:
         model = await _server_model(client, cfg.model)
         chat = await _has_chat(client, model)
         prompt_ids = await _token_ids(client, model)
         plans = make_plans(cfg, model, chat, prompt_ids)
-        num_warmup = min(len(plans) - 1, max(1, round(len(plans) * cfg.warmup_fraction))) if cfg.warmup_fraction \
-            else 0
+        num_warmup = 0
+        if cfg.warmup_fraction:
+            num_warmup = min(len(plans) - 1, max(1, round(len(plans) * cfg.warmup_fraction)))
         run = _Run()
         t0 = time.perf_counter()
         await _run_plans(client, plans[:num_warmup], cfg.concurrency, deadline, run)
-        warm_idle, _, m = await wait_idle(client, min(cfg.idle_timeout, max(deadline - time.monotonic(), 0.0)))
+        duration = time.perf_counter() - t0
+        # The RSS baseline is read with the server idle again (not mid-burst).
+        _, _, m = await wait_idle(client, min(cfg.idle_timeout, max(deadline - time.monotonic(), 0.0)))
         rss_start = _rss_mib(m)
         if on_warmup is not None:
             on_warmup()
+        t1 = time.perf_counter()
         await _run_plans(client, plans[num_warmup:], cfg.concurrency, deadline, run)
-        duration = time.perf_counter() - t0
+        duration += time.perf_counter() - t1  # sending time only, not the wait between the phases
         idle, idle_after, m = await wait_idle(client, cfg.idle_timeout)
         rss_end = _rss_mib(m)
-    return _report(cfg, model, chat, plans, run, duration, idle, idle_after, m, rss_start, rss_end)
+    return _report(cfg, model, chat, plans, num_warmup, run, duration, idle, idle_after, m, rss_start, rss_end)
 
 
-def _report(cfg: SoakConfig, model: str, chat: bool, plans: list[Plan], run: _Run, duration: float,
-            idle: Optional[bool], idle_after: float, m: dict[str, float], rss_start: Optional[float],
+def _report(cfg: SoakConfig, model: str, chat: bool, plans: list[Plan], num_warmup: int, run: _Run,
+            duration: float, idle: Optional[bool], idle_after: float, m: dict[str, float], rss_start: Optional[float],
             rss_end: Optional[float]) -> dict:
     outs = [run.outcomes[p.index] for p in plans]
     count = {k: sum(o.kind == k for o in outs) for k in
@@ -523,7 +364,7 @@ def _report(cfg: SoakConfig, model: str, chat: bool, plans: list[Plan], run: _Ru
         "benchmark": "soak", "base_url": cfg.base_url, "model_id": model,
         "endpoints": ["/v1/completions"] + (["/v1/chat/completions"] if chat else []),
         "num_requests": cfg.num_requests, "concurrency": cfg.concurrency, "abort_fraction": cfg.abort_fraction,
-        "max_tokens": cfg.max_tokens, "seed": cfg.seed,
+        "max_tokens": cfg.max_tokens, "seed": cfg.seed, "warmup_requests": num_warmup,
         "duration": round(duration, 3), "sent": run.sent,
         **count, "by_status": dict(sorted(by_status.items())),
         "requests_per_s": round((count["completed"] + count["aborted"]) / duration, 2) if duration else 0.0,
@@ -542,7 +383,8 @@ def _report(cfg: SoakConfig, model: str, chat: bool, plans: list[Plan], run: _Ru
 def config_from_args(args) -> SoakConfig:
     return SoakConfig(base_url=args.base_url, model=args.model, num_requests=args.num_requests,
                       concurrency=args.concurrency, abort_fraction=args.abort_fraction, max_tokens=args.max_tokens,
-                      seed=args.seed, api_key=args.api_key, timeout=args.timeout, idle_timeout=args.idle_timeout)
+                      seed=args.seed, api_key=args.api_key, timeout=args.timeout, idle_timeout=args.idle_timeout,
+                      warmup_fraction=args.warmup_fraction)
 
 
 def run(args) -> int:

@@ -66,6 +66,8 @@ def add_parser(subparsers) -> None:
     k.add_argument("--timeout", type=float, default=600.0, help="bound on the whole run, in seconds")
     k.add_argument("--idle-timeout", type=float, default=30.0,
                    help="how long the server may take to go idle after the run, in seconds")
+    k.add_argument("--warmup-fraction", type=float, default=0.05,
+                   help="share of the requests sent first; the starting RSS is read after them")
     k.add_argument("--output-json", default=None)
     k.set_defaults(func=_soak)
 

@@ -200,7 +200,25 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         return await chat.create(request, raw)
 
+    _document_errors_as_sent(app)
     return app
+
+
+def _document_errors_as_sent(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every body it validates; this server answers those with a 400."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for op in operations.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 class _Server(uvicorn.Server):
