@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -112,6 +113,24 @@ class RemoteServer:
                 raise AssertionError(f"server did not exit within {timeout}s of signal {sig}:\n{self.log_tail()}")
         self._log.close()
         return self.proc.returncode
+
+
+def core_pids(srv: RemoteServer) -> list[int]:
+    """The server's engine-core processes: its spawned children (not multiprocessing's resource tracker)."""
+    import psutil
+
+    cmdlines = [(p.pid, " ".join(p.cmdline())) for p in psutil.Process(srv.proc.pid).children()]
+    return [pid for pid, cmd in cmdlines if "spawn_main" in cmd and "resource_tracker" not in cmd]
+
+
+@contextlib.contextmanager
+def clean_server(model: Path, extra_args: list[str], log_path: Path, api_key: Optional[str] = None):
+    """A RemoteServer that must stop cleanly: SIGTERM at the end gives exit 0 and no traceback in its log."""
+    srv = RemoteServer(model, extra_args, log_path, api_key=api_key)
+    yield srv
+    code = srv.stop(signal.SIGTERM)
+    assert code == 0, f"server exit code {code} after SIGTERM:\n{srv.log_tail()}"
+    assert "Traceback" not in log_path.read_text(errors="replace"), srv.log_tail()
 
 
 def scrape(server: RemoteServer) -> dict[tuple[str, tuple], float]:

@@ -11,16 +11,9 @@ import httpx
 import psutil
 import pytest
 
-from server_utils import RemoteServer, chat_model_dir, metric, offline, wait_for_idle  # noqa: F401
+from server_utils import RemoteServer, chat_model_dir, core_pids, metric, offline, wait_for_idle  # noqa: F401
 
 PROMPTS = ["Once upon a time", "The dog", "Lily went to the park", "A bird sang", "Tom had a red ball"]
-
-
-def core_pids(srv: RemoteServer) -> list[int]:
-    """The engine-core processes: the server's spawned children (not multiprocessing's resource tracker)."""
-    kids = psutil.Process(srv.proc.pid).children()
-    return [p.pid for p in kids if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in
-            " ".join(p.cmdline())]
 
 
 def stream_events(srv: RemoteServer, body: dict, events: list[str]) -> None:

@@ -19,14 +19,13 @@ On a failure Hypothesis shrinks to a small case and the message has a curl comma
 
 from __future__ import annotations
 
-import signal
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from server_utils import RemoteServer, chat_model_dir, metric, wait_for_idle  # noqa: F401
+from server_utils import chat_model_dir, clean_server, metric, wait_for_idle  # noqa: F401
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402
@@ -52,12 +51,9 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 @pytest.fixture(scope="module")
 def api(chat_model_dir, tmp_path_factory):  # noqa: F811
-    log = tmp_path_factory.mktemp("schemathesis") / "server.log"
-    srv = RemoteServer(chat_model_dir, ["--disable-log-requests", "--disable-uvicorn-access-log",
-                                        "--max-model-len", "96"], log)
-    yield srv
-    code = srv.stop(signal.SIGTERM)
-    assert code == 0, f"server exit code {code} after SIGTERM:\n{srv.log_tail()}"
+    with clean_server(chat_model_dir, ["--disable-log-requests", "--disable-uvicorn-access-log", "--max-model-len",
+                                       "96"], tmp_path_factory.mktemp("schemathesis") / "server.log") as srv:
+        yield srv
 
 
 @pytest.fixture(autouse=True)

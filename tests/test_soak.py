@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 
 import psutil
 import pytest
@@ -17,16 +16,10 @@ import pytest
 from freight.benchmarks.soak import SoakConfig, is_idle, parse_metrics, run_soak
 from freight.benchmarks.soak_checks import Malformed, Plan, StreamCheck, check_full
 from freight.cli.main import main
-from server_utils import RemoteServer, chat_model_dir, free_port, metric, scrape, wait_for_idle  # noqa: F401
+from server_utils import (chat_model_dir, clean_server, core_pids, free_port, metric, scrape,  # noqa: F401
+                          wait_for_idle)
 
 MiB = 2**20
-
-
-def core_pids(srv: RemoteServer) -> list[int]:
-    """The engine-core processes (as in test_engine_core_proc.py)."""
-    kids = psutil.Process(srv.proc.pid).children()
-    return [p.pid for p in kids if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in
-            " ".join(p.cmdline())]
 
 
 def rss(pid: int) -> int:
@@ -35,13 +28,9 @@ def rss(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def soak_server(chat_model_dir, tmp_path_factory):  # noqa: F811
-    log = tmp_path_factory.mktemp("soak") / "server.log"
-    srv = RemoteServer(chat_model_dir, ["--disable-log-requests", "--disable-uvicorn-access-log",
-                                        "--max-num-seqs", "32"], log)
-    yield srv
-    code = srv.stop(signal.SIGTERM)
-    assert code == 0, f"server exit code {code} after SIGTERM:\n{srv.log_tail()}"
-    assert "Traceback" not in log.read_text(errors="replace"), srv.log_tail()
+    with clean_server(chat_model_dir, ["--disable-log-requests", "--disable-uvicorn-access-log", "--max-num-seqs",
+                                       "32"], tmp_path_factory.mktemp("soak") / "server.log") as srv:
+        yield srv
 
 
 def test_soak_2000_requests_with_aborts(soak_server):
