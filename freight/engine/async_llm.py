@@ -79,11 +79,13 @@ class AsyncLLM:
         self.client: CoreClient = make_client(config, data_parallel_size, multiprocess,
                                               log_level=logging.getLogger("freight").getEffectiveLevel())
         try:
-            # One tokenizer for the callers' threads (prompts, chat templates), one for the output thread.
-            self.tokenizer = load_tokenizer(config.tokenizer or str(self.model_dir), config.revision,
-                                            config.trust_remote_code)
-            detokenizer = load_tokenizer(config.tokenizer or str(self.model_dir), config.revision,
-                                         config.trust_remote_code)
+            # One tokenizer per thread that uses one (the Rust tokenizer objects are not meant to be shared
+            # between threads): the callers' event loop (logprob strings, small decodes), the server's
+            # prompt-preparation thread (prep_tokenizer), the output thread (detokenization). They load
+            # while the engine cores start.
+            self.tokenizer, self.prep_tokenizer, detokenizer = (
+                load_tokenizer(config.tokenizer or str(self.model_dir), config.revision, config.trust_remote_code)
+                for _ in range(3))
             self.client.wait_ready()
         except BaseException:
             self.client.shutdown(timeout=2)

@@ -143,7 +143,7 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     names = settings.served_model_names
     metrics = ServerMetrics(names[0], async_llm.get_engine_stats)
     async_llm.output_observers.append(metrics.observe)
-    prep = PromptPreparer(async_llm.tokenizer, async_llm.max_model_len, settings.trust_request_chat_template)
+    prep = PromptPreparer(async_llm.prep_tokenizer, async_llm.max_model_len, settings.trust_request_chat_template)
     completion = OpenAIServingCompletion(async_llm, names, prep)
     chat = OpenAIServingChat(async_llm, names, prep)
     tokenization = OpenAIServingTokenization(async_llm, names, prep)

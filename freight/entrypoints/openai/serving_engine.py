@@ -136,7 +136,7 @@ class OpenAIServing:
         self.engine = engine
         self.served_model_names = served_model_names
         self.prep = prep
-        self.tokenizer = engine.tokenizer  # only on prep's thread for anything that can be large
+        self.tokenizer = engine.tokenizer  # the event loop's own: small decodes (logprob strings) only
 
     @property
     def model_name(self) -> str:

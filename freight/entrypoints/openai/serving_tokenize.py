@@ -23,7 +23,7 @@ class OpenAIServingTokenization(OpenAIServing):
                                             continue_final_message=req.continue_final_message,
                                             template_kwargs=req.chat_template_kwargs,
                                             add_special_tokens=bool(req.add_special_tokens))
-        strs = await self.prep.run(self.tokenizer.convert_ids_to_tokens, ids) if req.return_token_strs else None
+        strs = await self.prep.run(self.prep.tokenizer.convert_ids_to_tokens, ids) if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids,
                                 token_strs=strs)
 
@@ -34,7 +34,7 @@ class OpenAIServingTokenization(OpenAIServing):
         if bad:
             raise bad_request(f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens",
                               code="invalid_value")
-        return DetokenizeResponse(prompt=await self.prep.run(self.tokenizer.decode, req.tokens))
+        return DetokenizeResponse(prompt=await self.prep.run(self.prep.tokenizer.decode, req.tokens))
 
     def models(self, root: str) -> ModelList:
         return ModelList(data=[ModelCard(id=name, root=root, max_model_len=self.engine.max_model_len)
