@@ -58,7 +58,8 @@ def run(args) -> dict:
     batch_tokens = args.batch_size * args.output_len
     result = {
         "benchmark": "latency", "model": str(engine.model_dir), "dtype": engine.dtype,
-        "device": engine.device, "data_parallel_size": args.data_parallel_size, "batch_size": args.batch_size, "input_len": args.input_len,
+        "device": engine.device, "data_parallel_size": args.data_parallel_size, "batch_size": args.batch_size,
+        "input_len": args.input_len,
         "output_len": args.output_len, "num_iters": args.num_iters,
         "avg_latency_s": round(avg, 4),
         "percentiles": {str(p): round(float(np.percentile(latencies, p)), 4) for p in LATENCY_PERCENTILES},

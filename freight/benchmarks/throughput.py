@@ -28,7 +28,8 @@ def run(args) -> dict:
     output_tokens = sum(r.output_len for r in reqs)
     result = {
         "benchmark": "throughput", "model": str(engine.model_dir), "dtype": engine.dtype,
-        "device": engine.device, "data_parallel_size": args.data_parallel_size, "dataset": args.dataset_name, "num_requests": len(reqs),
+        "device": engine.device, "data_parallel_size": args.data_parallel_size, "dataset": args.dataset_name,
+        "num_requests": len(reqs),
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(len(reqs) / elapsed, 3),
         "total_tokens_per_s": round((prompt_tokens + output_tokens) / elapsed, 1),

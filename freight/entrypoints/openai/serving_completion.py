@@ -13,8 +13,8 @@ from freight.entrypoints.openai.errors import bad_request
 from freight.entrypoints.openai.logprobs import TokenStrings, completion_logprobs
 from freight.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
                                                  CompletionResponse, usage)
-from freight.entrypoints.openai.serving_engine import (MAX_LOGPROBS, MAX_N, MAX_PROMPTS, SSE_DONE, OpenAIServing, SSEResponse,
-                                                       check_common, extra_values, final_outputs, merge_streams,
+from freight.entrypoints.openai.serving_engine import (MAX_LOGPROBS, MAX_N, MAX_PROMPTS, SSE_DONE, OpenAIServing,
+                                                       SSEResponse, check_common, extra_values, final_outputs, merge_streams,
                                                        random_id, sse, sse_error, to_sampling_params,
                                                        until_disconnect)
 from freight.engine.request_stream import RequestStream
