@@ -100,7 +100,7 @@ class Scheduler:
 
     # -- one step ---------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_req_ids=self._finished_ids, num_scheduled_tokens={})
+        out = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []

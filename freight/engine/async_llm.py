@@ -28,8 +28,9 @@ import threading
 from typing import AsyncIterator, Callable, Optional, Union
 
 from freight.config import EngineConfig
-from freight.core.stats import SchedulerStats, sum_stats
+from freight.core.stats import SchedulerStats
 from freight.engine.core_client import CoreClient, EngineDeadError, make_client
+from freight.engine.engine_router import EngineRouter
 from freight.engine.messages import EngineCoreOutputs
 from freight.engine.output_processor import OutputProcessor
 from freight.engine.processor import InputProcessor, PromptError, sequence_ids
@@ -95,13 +96,9 @@ class AsyncLLM:
                                         eos_token_ids(self.model_dir, self.tokenizer), self.max_model_len)
         self.output_processor = OutputProcessor(detokenizer)
 
-        n = data_parallel_size
         self._lock = threading.Lock()
         self._streams: dict[str, RequestStream] = {}  # requests whose consumer still listens
-        self._engine_of: dict[str, int] = {}          # unfinished request -> its engine core
-        self._load = [0] * n                           # unfinished requests per engine
-        self._stats = [SchedulerStats() for _ in range(n)]
-        self._added_since_stats = [0] * n              # requests sent after the engine's last stats
+        self._router = EngineRouter(data_parallel_size)
         self._stopping = False                         # refuse new requests
         self._exit = False
         self._dead: Optional[BaseException] = None
@@ -114,7 +111,7 @@ class AsyncLLM:
 
     @property
     def data_parallel_size(self) -> int:
-        return len(self._load)
+        return self._router.num_engines
 
     # -- the callers' side ------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
@@ -135,25 +132,17 @@ class AsyncLLM:
                 raise EngineDeadError(f"the engine has stopped: {self._dead}")
             if self._stopping:
                 raise EngineShutdownError("the server is shutting down")
-            if request_id in self._engine_of or self.output_processor.in_use(sequence_ids(request_id, params)):
+            if request_id in self._router or self.output_processor.in_use(sequence_ids(request_id, params)):
                 raise ValueError(f"request id {request_id!r} is already in use")
-            if self.max_waiting is not None and self._num_waiting() >= self.max_waiting:
+            if self.max_waiting is not None and self._router.num_waiting() >= self.max_waiting:
                 raise EngineOverloadedError(f"the server is overloaded: {self.max_waiting} requests are already "
                                             "waiting; retry later")
-            engine = min(range(len(self._load)), key=self._load.__getitem__)
             req = self.processor.make_request(request_id, ids, params, arrival_time)
             self.output_processor.add_request(request_id, [req.request_id, *req.fork_ids], text, ids, params,
                                               req.arrival_time)
             self._streams[request_id] = stream
-            self._engine_of[request_id] = engine
-            self._load[engine] += 1
-            self._added_since_stats[engine] += 1
-            self.client.add_request(req, engine)
+            self.client.add_request(req, self._router.assign(request_id))
         return stream
-
-    def _num_waiting(self) -> int:
-        """Waiting in the cores at their last stats, plus what was sent since (it may be waiting too)."""
-        return sum(s.num_waiting for s in self._stats) + sum(self._added_since_stats)
 
     async def generate(self, prompt: PromptInput, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -169,19 +158,18 @@ class AsyncLLM:
         """Thread-safe and non-blocking; a no-op for unknown or finished requests."""
         with self._lock:
             self._streams.pop(request_id, None)
-            final = self._forget(request_id, abort=True)
+            final = self._forget(request_id)
         if final is not None:
             self._observe([final])
 
-    def _forget(self, request_id: str, abort: bool, reason: str = "abort") -> Optional[RequestOutput]:
+    def _forget(self, request_id: str, reason: str = "abort") -> Optional[RequestOutput]:
         """Drop an unfinished request here (under the lock), aborting it in its core."""
-        engine = self._engine_of.pop(request_id, None)
+        engine = self._router.release(request_id)
         if engine is None:
             return None
-        self._load[engine] -= 1
         seq_ids = self.output_processor.sequence_ids(request_id)
         final = self.output_processor.finish(request_id, reason)
-        if abort and self._dead is None:
+        if self._dead is None:
             self.client.finish_requests(seq_ids, engine)
         return final
 
@@ -189,7 +177,7 @@ class AsyncLLM:
         """Abort every request in flight, raising `error` to their consumers; returns how many."""
         with self._lock:
             streams, self._streams = self._streams, {}
-            finals = [self._forget(rid, abort=True) for rid in list(self._engine_of)]
+            finals = [self._forget(rid) for rid in list(self._router.engine_of)]
         self._observe([f for f in finals if f is not None])
         deliver([(s, error) for s in streams.values()])
         return len(streams)
@@ -202,7 +190,7 @@ class AsyncLLM:
     @property
     def num_in_flight(self) -> int:
         with self._lock:
-            return len(self._engine_of)
+            return self._router.num_unfinished
 
     def begin_shutdown(self) -> None:
         """Refuse new requests and abort those in flight (their clients get an error, not a hang)."""
@@ -223,10 +211,10 @@ class AsyncLLM:
 
     def get_stats(self) -> SchedulerStats:
         """Totals over every engine core, as of each one's last step."""
-        return sum_stats(self._stats) if len(self._stats) > 1 else self._stats[0]
+        return self._router.total_stats()
 
     def get_engine_stats(self) -> list[SchedulerStats]:
-        return list(self._stats)
+        return list(self._router.stats)
 
     @property
     def is_healthy(self) -> bool:
@@ -253,22 +241,18 @@ class AsyncLLM:
     def _handle_outputs(self, outs: EngineCoreOutputs) -> None:
         failed, deliveries = [], []
         with self._lock:
-            if outs.stats is not None:
-                self._stats[outs.engine_index] = outs.stats
-                self._added_since_stats[outs.engine_index] = 0
+            self._router.record(outs)
             normal = [o for o in outs.outputs if o.finish_reason != "error"]
             for o in outs.outputs:
                 rid = self.output_processor.owner(o.request_id)
                 if o.finish_reason == "error" and rid is not None:  # fail the whole request (every sequence)
-                    failed.append((self._streams.pop(rid, None), self._forget(rid, True, "error"), rid, o.error))
+                    failed.append((self._streams.pop(rid, None), self._forget(rid, "error"), rid, o.error))
             outputs, stopped = self.output_processor.process_outputs(normal)
             if stopped:  # stop strings: the text is final, free the sequences' blocks now
                 self.client.finish_requests(stopped, outs.engine_index, stopped=True)
             for out in outputs:
                 if out.finished:
-                    engine = self._engine_of.pop(out.request_id, None)
-                    if engine is not None:
-                        self._load[engine] -= 1
+                    self._router.release(out.request_id)
                     stream = self._streams.pop(out.request_id, None)
                 else:
                     stream = self._streams.get(out.request_id)

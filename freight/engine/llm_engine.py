@@ -13,8 +13,9 @@ import weakref
 from typing import Iterable, Optional, Union
 
 from freight.config import EngineConfig
-from freight.core.stats import SchedulerStats, sum_stats
+from freight.core.stats import SchedulerStats
 from freight.engine.core_client import InprocCoreClient, make_client
+from freight.engine.engine_router import EngineRouter
 from freight.engine.output_processor import OutputProcessor
 from freight.engine.processor import InputProcessor, PromptError, PromptType, sequence_ids
 from freight.model_config import ModelConfig
@@ -42,9 +43,7 @@ class LLMEngine:
         self.processor = InputProcessor(config, self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                         self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self._engine_of: dict[str, int] = {}  # unfinished request -> its engine core
-        self._load = [0] * data_parallel_size
-        self._stats = [SchedulerStats() for _ in range(data_parallel_size)]
+        self._router = EngineRouter(data_parallel_size)
         if not isinstance(self.client, InprocCoreClient):  # stop the core processes with this engine
             weakref.finalize(self, self.client.shutdown)
 
@@ -77,21 +76,17 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         self.validate_request(ids, params)
         req = self.processor.make_request(request_id, ids, params, arrival_time)
-        engine = min(range(len(self._load)), key=self._load.__getitem__)
-        self.client.add_request(req, engine)
+        self.client.add_request(req, self._router.assign(request_id))
         self.output_processor.add_request(request_id, [req.request_id, *req.fork_ids], text, ids, params,
                                           req.arrival_time)
-        self._engine_of[request_id] = engine
-        self._load[engine] += 1
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> list[RequestOutput]:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         outputs = []
         for rid in ids:
-            engine = self._engine_of.pop(rid, None)
+            engine = self._router.release(rid)
             if engine is None:
                 continue
-            self._load[engine] -= 1
             self.client.finish_requests(self.output_processor.sequence_ids(rid), engine)
             out = self.output_processor.finish(rid)
             if out is not None:
@@ -99,18 +94,17 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._engine_of)
+        return self._router.num_unfinished > 0
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._engine_of)
+        return self._router.num_unfinished
 
     # -- the step -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         core_out = self.client.get_output(timeout=1.0)
         if core_out is None:
             return []
-        if core_out.stats is not None:
-            self._stats[core_out.engine_index] = core_out.stats
+        self._router.record(core_out)
         for o in core_out.outputs:
             if o.finish_reason == "error":  # that request ends with finish_reason "error"; the others go on
                 logger.error("request %s failed in the engine: %s", o.request_id, o.error)
@@ -118,14 +112,14 @@ class LLMEngine:
         if stopped:  # stop strings: the text is final, free the sequences' blocks now
             self.client.finish_requests(stopped, core_out.engine_index, stopped=True)
         for out in outputs:
-            if out.finished and (engine := self._engine_of.pop(out.request_id, None)) is not None:
-                self._load[engine] -= 1
+            if out.finished:
+                self._router.release(out.request_id)
         return outputs
 
     def get_stats(self) -> SchedulerStats:
         if isinstance(self.client, InprocCoreClient):
             return self.engine_core.make_stats()
-        return sum_stats(self._stats)
+        return self._router.total_stats()
 
     def reset_prefix_cache(self) -> bool:
         """Forget the prefix cache; False if some cached blocks are still in use (one engine only)."""

@@ -79,8 +79,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.batch.update_states(out)
-        result = ModelRunnerOutput(req_ids=[], sampled_token_ids=[], sampled_logprobs=[], logprobs={},
-                                   prompt_logprobs={})
+        result = ModelRunnerOutput()
         if out.is_empty:
             return result
         if self._zero_on_first_use:
