@@ -145,6 +145,14 @@ def test_prompt_too_long_by_its_bytes_is_refused_before_tokenizing(limited_serve
     assert r.elapsed.total_seconds() < 2, r.elapsed
 
 
+def test_byte_check_is_per_prompt_not_per_request(limited_server):
+    """Many short prompts in one request: together far past one context's bytes, each well inside it."""
+    prompts = ["Once upon a time there was a little dog " * 5] * 100  # 200 B each, 20 kB in all
+    r = _post(limited_server, "/v1/completions", {"model": SERVED_NAME, "prompt": prompts, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 100
+
+
 def _health_latencies(srv: RemoteServer, stop: threading.Event, out: list[float]) -> None:
     with httpx.Client(timeout=10) as c:
         while not stop.is_set():

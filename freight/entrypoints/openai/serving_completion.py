@@ -92,7 +92,6 @@ class OpenAIServingCompletion(OpenAIServing):
         if len(items) * req.n > MAX_N:
             raise bad_request(f"{len(items)} prompts with n={req.n} ask for {len(items) * req.n} completions; at "
                               f"most {MAX_N} in one request.", param="n", code="invalid_value")
-        self.prep.check_length([i for i in items if isinstance(i, str)], "prompt")
         prompts = []
         for item in items:
             if isinstance(item, str):
