@@ -33,7 +33,6 @@ class _SequenceState:
     stop_reason: int | str | None = None
     sent_chars: int = 0
     sent_tokens: int = 0
-    last_delta: int = 0  # characters the last tokens added
 
     def check_stop_strings(self, params: SamplingParams, new_chars: int) -> bool:
         """Cut the text at the first stop string that the new characters complete."""
@@ -109,14 +108,15 @@ class OutputProcessor:
                 st.prompt_logprobs.extend(o.new_prompt_logprobs.to_dicts())
             seq = st.seqs[o.request_id]
             if o.new_token_ids and seq.finish_reason is None:
-                self._add_tokens(st, seq, o, now)
-                if seq.check_stop_strings(st.params, seq.last_delta):
+                new_chars = self._add_tokens(st, seq, o, now)
+                if seq.check_stop_strings(st.params, new_chars):
                     stopped.append(o.request_id)
             if o.finish_reason is not None and seq.finish_reason is None:
                 seq.finish_reason, seq.stop_reason = o.finish_reason, o.stop_reason
         return self._outputs(touched, now), stopped
 
-    def _add_tokens(self, st: _RequestState, seq: _SequenceState, o: EngineCoreOutput, now: float) -> None:
+    def _add_tokens(self, st: _RequestState, seq: _SequenceState, o: EngineCoreOutput, now: float) -> int:
+        """Append a step's tokens and their text; returns how many characters the text grew by."""
         seq.token_ids.extend(o.new_token_ids)
         seq.cumulative_logprob += sum(o.new_sampled_logprobs)
         if st.params.logprobs is not None and o.new_logprobs is not None:
@@ -129,12 +129,12 @@ class OutputProcessor:
             if not (stop_token and i == len(o.new_token_ids) - 1):
                 delta += seq.detokenizer.step(tok)
         seq.text += delta
-        seq.last_delta = len(delta)
         if st.metrics.first_token_time is None:
             st.metrics.first_token_time = now
             st.metrics.first_scheduled_time = o.first_scheduled_time
             st.num_cached_tokens = o.num_cached_tokens
         st.metrics.last_token_time = now
+        return len(delta)
 
     def finish(self, request_id: str, reason: str = "abort") -> Optional[RequestOutput]:
         """End a request here (an abort, or an engine failure): its final output, None if unknown."""
