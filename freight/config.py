@@ -25,6 +25,9 @@ def parse_size(value: Union[int, float, str]) -> int:
     return size
 
 
+STRUCTURED_OUTPUT_FLAGS = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties")
+
+
 @dataclass
 class EngineConfig:
     """Everything LLMEngine needs; the CLI, LLM() and the server all build one of these."""
@@ -46,6 +49,9 @@ class EngineConfig:
     served_model_name: Optional[str] = None
     num_threads: Optional[int] = None
     max_logprobs: int = 20  # vLLM's default cap on logprobs / prompt_logprobs per token
+    # vLLM's structured_outputs_config: {"backend": "auto" | "xgrammar" | "guidance", and defaults for every
+    # request: "disable_fallback", "disable_any_whitespace", "disable_additional_properties"}
+    structured_outputs_config: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -56,3 +62,20 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least 1")
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        so = self.structured_outputs_config or {}
+        keys = {"backend", *STRUCTURED_OUTPUT_FLAGS}
+        if not isinstance(so, dict) or set(so) - keys:
+            raise ValueError(f"structured_outputs_config takes the keys {', '.join(sorted(keys))}; got {so!r}")
+        if so.get("backend", "auto") not in ("auto", "xgrammar", "guidance"):
+            raise ValueError(f"structured outputs backend must be auto, xgrammar or guidance, got {so['backend']!r}")
+        if any(not isinstance(so.get(k, False), bool) for k in STRUCTURED_OUTPUT_FLAGS):
+            raise ValueError(f"structured_outputs_config: {', '.join(STRUCTURED_OUTPUT_FLAGS)} are booleans")
+
+    @property
+    def structured_outputs_backend(self) -> str:
+        return (self.structured_outputs_config or {}).get("backend", "auto")
+
+    def structured_output_defaults(self) -> dict[str, bool]:
+        """The flags every request's structured outputs get (a request may turn them on, not off)."""
+        so = self.structured_outputs_config or {}
+        return {k: True for k in STRUCTURED_OUTPUT_FLAGS if so.get(k)}

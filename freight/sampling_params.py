@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json as _json
 import math
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Union
 
 _GREEDY_EPS = 1e-5
 
@@ -16,6 +17,74 @@ class SamplingParamsError(ValueError):
     def __init__(self, message: str, param: Optional[str] = None):
         super().__init__(message)
         self.param = param
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a JSON schema, a regex, a choice of strings or a grammar (vLLM's fields).
+
+    Exactly one of json, regex, choice, grammar, json_object and structural_tag is set."""
+
+    json: Union[str, dict, None] = None           # a JSON schema (object or its text)
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None                 # EBNF (GBNF-style) or Lark
+    json_object: Optional[bool] = None            # any JSON object
+    disable_fallback: bool = False                # with backend "auto": no fallback to the other backend
+    disable_any_whitespace: bool = False          # JSON without free whitespace between tokens
+    # objects without "additionalProperties" get it as false (freight always does so, as xgrammar's strict mode)
+    disable_additional_properties: bool = False
+    whitespace_pattern: Optional[str] = None      # a regex for JSON whitespace (llguidance only)
+    structural_tag: Optional[str] = None          # xgrammar's structural tag, as JSON text
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __post_init__(self) -> None:
+        set_kinds = [k for k in self.KINDS if getattr(self, k) is not None]
+        if len(set_kinds) != 1:
+            what = "none" if not set_kinds else ", ".join(set_kinds)
+            raise SamplingParamsError(
+                f"structured_outputs needs exactly one of {', '.join(self.KINDS)}; got {what}.", "structured_outputs")
+        bad = None
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            bad = "json must be a JSON schema (an object or its text)"
+        elif self.regex is not None and not isinstance(self.regex, str):
+            bad = "regex must be a string"
+        elif self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                          or any(not isinstance(c, str) for c in self.choice)):
+            bad = "choice must be a non-empty list of strings"
+        elif self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            bad = "grammar must be a non-empty string"
+        elif self.json_object is not None and self.json_object is not True:
+            bad = "json_object must be true when given"
+        elif self.structural_tag is not None and not isinstance(self.structural_tag, str):
+            bad = "structural_tag must be a string (JSON)"
+        for name in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                bad = f"{name} must be a boolean"
+        if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
+            bad = "whitespace_pattern must be a string"
+        if bad:
+            raise SamplingParamsError(f"structured_outputs: {bad}.", "structured_outputs")
+        if self.choice is not None:
+            self.choice = list(self.choice)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> "StructuredOutputsParams":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise SamplingParamsError(f"structured_outputs: unknown field(s) {', '.join(unknown)}; the fields are "
+                                      f"{', '.join(sorted(known))}.", "structured_outputs")
+        return cls(**value)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) is not None)
+
+    def cache_key(self) -> str:
+        """A canonical text of the constraint and its options (grammar caches key on it)."""
+        return _json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True, default=str)
 
 
 @dataclass
@@ -41,8 +110,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: Optional[dict[int, float]] = None
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                    StructuredOutputsParams):
+            raise SamplingParamsError("structured_outputs must be a StructuredOutputsParams or an object.",
+                                      "structured_outputs")
         if isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k == -1:
             self.top_k = 0  # vLLM's "off"
         if isinstance(self.stop, str):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import msgspec
+import numpy as np
 
 from freight.sampling_params import SamplingParams
 
@@ -65,6 +66,23 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
         return [r.req_id for r in self.scheduled_new_reqs] + [r.req_id for r in self.scheduled_cached_reqs]
 
 
+class GrammarOutput(msgspec.Struct, omit_defaults=True):
+    """The token bitmask of this step's constrained rows, filled by the engine core while the forward ran.
+
+    Row i (int32 words, little-endian) belongs to req_ids[i]: bit t set = token t allowed."""
+
+    req_ids: list[str] = []
+    bitmask: bytes = b""
+    num_words: int = 0
+
+    def array(self) -> "np.ndarray":
+        return np.frombuffer(self.bitmask, dtype="<i4").reshape(len(self.req_ids), self.num_words)
+
+    @classmethod
+    def from_array(cls, req_ids: list[str], mask: "np.ndarray") -> "GrammarOutput":
+        return cls(req_ids, np.ascontiguousarray(mask, dtype="<i4").tobytes(), mask.shape[1])
+
+
 class LogprobsLists(msgspec.Struct, array_like=True):
     """Logprobs of some positions, one row each: the chosen (or prompt) token first, then the top-k."""
 
@@ -85,9 +103,9 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     failed: dict[str, str] = {}
 
 
-StepMessage = Union[SchedulerOutput, ModelRunnerOutput]
+StepMessage = Union[SchedulerOutput, GrammarOutput, ModelRunnerOutput]
 _encoder = msgspec.msgpack.Encoder()
-_decoders = {cls: msgspec.msgpack.Decoder(cls) for cls in (SchedulerOutput, ModelRunnerOutput)}
+_decoders = {cls: msgspec.msgpack.Decoder(cls) for cls in (SchedulerOutput, GrammarOutput, ModelRunnerOutput)}
 
 
 def encode(message: StepMessage) -> bytes:

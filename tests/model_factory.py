@@ -199,8 +199,11 @@ def _perturb(model, seed: int, lm_head_scale: float, tied_embed_scale: float) ->
 
 
 def make_model(out_dir, arch: str, seed: int = 0, lm_head_scale: float = 8.0, tied_embed_scale: float = 0.3,
-               **overrides) -> Path:
-    """Build a seeded random `arch` model and save it (float32 safetensors + tokenizer) in out_dir."""
+               tokenizer_dir=None, **overrides) -> Path:
+    """Build a seeded random `arch` model and save it (float32 safetensors + tokenizer) in out_dir.
+
+    With tokenizer_dir, that real tokenizer (and its chat template) is copied in instead of
+    training a small one; the vocabulary then needs to be at least the tokenizer's size."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
@@ -212,8 +215,21 @@ def make_model(out_dir, arch: str, seed: int = 0, lm_head_scale: float = 8.0, ti
     model.eval()
     _perturb(model, seed, lm_head_scale, tied_embed_scale)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(str(out_dir))
-    make_tokenizer(out_dir, cfg.vocab_size, add_bos=arch in ("llama", "mistral"))
+    if tokenizer_dir is None:
+        GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(str(out_dir))
+        make_tokenizer(out_dir, cfg.vocab_size, add_bos=arch in ("llama", "mistral"))
+    else:
+        import shutil
+
+        from transformers import AutoTokenizer
+
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja"):
+                shutil.copy(f, out_dir / f.name)
+        tok = AutoTokenizer.from_pretrained(str(out_dir))
+        if len(tok) > cfg.vocab_size:
+            raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {len(tok)} tokens")
+        GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(str(out_dir))
     if style == "v4":
         # Rewrite RoPE the way transformers-4 era Hub checkpoints spell it.
         path = out_dir / "config.json"

@@ -30,6 +30,20 @@ def test_throughput(stories_dir, tmp_path):
     assert r["elapsed_s"] > 0 and r["output_tokens_per_s"] > 0 and r["preemptions"] == 0
 
 
+def test_throughput_structured_output(stories_dir, tmp_path):
+    """Every request constrained to the bench schema, which cannot end early: the same tokens are generated."""
+    r = bench(tmp_path, "throughput", "--model", str(stories_dir), "--num-prompts", "4", *SIZES, *ENGINE,
+              "--structured-output", "json")
+    assert r["structured_output"] == "json" and r["generated_tokens"] == r["output_tokens"] == 32
+    assert r["grammar_compiles"] == 1 and r["grammar_compile_ms_median"] > 0
+
+
+def test_bitmask(tmp_path):
+    r = bench(tmp_path, "bitmask", "--rows", "3", "--vocab-size", "100", "--iters", "2")
+    for key in ("xgrammar_ms_half", "freight_ms_half", "freight_torch_ms_sparse"):
+        assert r[key] > 0
+
+
 def test_latency(stories_dir, tmp_path):
     r = bench(tmp_path, "latency", "--model", str(stories_dir), "--batch-size", "4", *SIZES, "--num-iters", "2",
               "--num-iters-warmup", "1", *ENGINE)

@@ -223,7 +223,9 @@ class Harness:
             if new.parent_req_id is None:
                 assert rid in waiting_before, f"{rid} sent whole but it was not waiting"
             else:
-                assert rid not in waiting_before and not set(new.block_ids) & copied_to
+                # (its blocks may include a block copied to in this step: the copy runs before
+                # the forward, so the fork sees the copied and newly written K/V, as the parent)
+                assert rid not in waiting_before
             self.ever_sent.add(rid)
             self.runner[rid] = RunnerSeq(table=list(new.block_ids), tokens=list(new.prompt_token_ids))
         for cached in out.scheduled_cached_reqs:
@@ -258,6 +260,7 @@ class Harness:
         cfg, bs = self.cfg, self.bs
         waiting_before = {r.request_id for r in self.sched.waiting}
         running_before = {r.request_id for r in self.sched.running}
+        held_before = {rid: {b.block_id for b in blocks} for rid, blocks in self.kv.req_blocks.items()}
         out = self.sched.schedule()
         self.steps += 1
         self.apply_finished(out)
@@ -312,7 +315,12 @@ class Harness:
         for src, dst in out.block_copies:
             self.saw_copy = True
             assert src != dst
-            assert self.kv.pool.blocks[dst].ref_cnt == 1, "copy-on-write target is shared"
+            # The target is a fresh block: no sequence that held it before this step still does
+            # (a preempted one may have freed it this step). It may be shared within this step
+            # already (a prefix-cache hit on it, or a fork of its owner): the copy runs before the
+            # forward writes or reads anything, so they all see the copy.
+            assert not any(dst in blocks and dst in self.kv.block_ids(rid) for rid, blocks in held_before.items()), \
+                "copy-on-write target was in use"
             for off in range(bs):
                 if (src, off) in self.slots:
                     self.slots[(dst, off)] = self.slots[(src, off)]

@@ -15,6 +15,9 @@ def add_parser(subparsers) -> None:
     t = sub.add_parser("throughput", help="offline throughput on a request set")
     add_dataset_args(t)
     t.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--structured-output", choices=["none", "json"], default="none",
+                   help="json: constrain every request to a JSON schema (a list of records that cannot end "
+                        "within the output length, so the token counts match an unconstrained run)")
     t.add_argument("--output-json", default=None)
     add_engine_args(t)
     t.set_defaults(func=_run("throughput"))
@@ -51,6 +54,13 @@ def add_parser(subparsers) -> None:
     s.add_argument("--output-json", default=None)
     add_dataset_args(s)
     s.set_defaults(func=_run("serve"))
+
+    b = sub.add_parser("bitmask", help="applying a grammar's token bitmask to logits: freight vs xgrammar")
+    b.add_argument("--rows", type=int, default=32)
+    b.add_argument("--vocab-size", type=int, default=151936)
+    b.add_argument("--iters", type=int, default=30)
+    b.add_argument("--output-json", default=None)
+    b.set_defaults(func=_run("bitmask"))
 
     k = sub.add_parser("soak", help="robustness soak of a live server: a mix of requests, client hang-ups, "
                                     "checked responses, back to idle after")

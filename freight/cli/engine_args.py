@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from freight.config import EngineConfig
 
@@ -28,6 +29,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--trust-remote-code", action="store_true")
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads for compute (default: all cores)")
+    g.add_argument("--structured-outputs-config", type=json.loads, default=None, metavar="JSON",
+                   help='grammar backend for structured outputs, e.g. \'{"backend": "xgrammar"}\' '
+                        "(auto, xgrammar or guidance; default auto: xgrammar, llguidance for what it rejects)")
     g.add_argument("--data-parallel-size", "-dp", type=positive_int, default=1, metavar="N",
                    help="engine-core processes, each with the whole model and its own KV cache (the CPUs are "
                         "split between them); requests go to the least loaded")
@@ -51,4 +55,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, trust_remote_code=args.trust_remote_code,
-        served_model_name=getattr(args, "served_model_name", None), num_threads=args.num_threads)
+        served_model_name=getattr(args, "served_model_name", None), num_threads=args.num_threads,
+        structured_outputs_config=args.structured_outputs_config)

@@ -35,6 +35,13 @@ def add_parser(subparsers) -> None:
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--graceful-shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long in-flight requests may run on before they are aborted")
+    t = p.add_argument_group("tool calling and reasoning")
+    t.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto": the model decides, --tool-call-parser finds the calls')
+    t.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="how the model writes tool calls: hermes (Qwen2.5, Hermes), llama3_json, mistral, pythonic")
+    t.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                   help="put the model's <think> text in reasoning_content: deepseek_r1, qwen3")
     add_engine_args(p, model_positional=True)
     p.set_defaults(func=run)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from freight.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from freight.structured_output.manager import StructuredOutputRequest
 
 
 class RequestStatus(enum.Enum):
@@ -45,6 +48,9 @@ class Request:
     # Sibling sequences of an n > 1 request, forked from this one in the step that computes the
     # end of its prompt: they share its blocks and draw their first tokens from the same logits.
     pending_forks: list["Request"] = field(default_factory=list)
+    # Its grammar and matcher when the output is constrained (structured outputs).
+    structured: Optional["StructuredOutputRequest"] = None
+    error: Optional[str] = None        # why it ended with FINISHED_ERROR
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

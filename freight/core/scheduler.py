@@ -10,6 +10,10 @@ cache) later.
 The decision goes out as a plain-data SchedulerOutput (freight.step_contract): a
 request the runner has not seen is sent whole once, afterwards only its new blocks.
 The runner's ModelRunnerOutput comes back to update_from_output.
+
+A request with structured outputs waits (without holding up the queue behind it) until
+its grammar has compiled; each sampled token then advances its matcher, and a grammar
+that has accepted a stop token ends the sequence with "stop".
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Scheduler:
         self._finished_ids: list[str] = []
         # Requests the runner holds -> the block-table length it knows (-1: preempted, its table is stale).
         self._sent_blocks: dict[str, int] = {}
+        self._failed_waiting: list[Request] = []  # failed before running (grammar); reported next update
         self.num_preemptions = 0
         self.num_computed_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -136,8 +141,16 @@ class Scheduler:
         return out
 
     def _admit_waiting(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
+        compiling: list[Request] = []  # skipped this step, keep their places
         while self.waiting and budget > 0:
             req = self.waiting[0]
+            if req.structured is not None and not req.structured.ready():
+                compiling.append(self.waiting.popleft())
+                continue
+            if req.structured is not None and req.structured.error is not None:
+                self.waiting.popleft()
+                self._fail(req, req.structured.error)
+                continue
             if self._num_seats() + 1 + len(req.pending_forks) > self.config.max_num_seqs:
                 break
             cached_blocks, num_cached = self.kv.get_computed_blocks(req)
@@ -157,6 +170,31 @@ class Scheduler:
             self.running.append(req)
             scheduled.append((req, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(compiling))
+
+    def _fail(self, req: Request, error: str) -> None:
+        """End a waiting request (and its unforked siblings) with an error."""
+        req.error = error
+        self._free(req, RequestStatus.FINISHED_ERROR)
+        self._failed_waiting.append(req)
+        for child in req.pending_forks:
+            child.status, child.error = RequestStatus.FINISHED_ERROR, error
+            self._failed_waiting.append(child)
+        req.pending_forks = []
+
+    def compiling_grammars(self) -> list:
+        """The compile futures of waiting requests whose grammar is not ready yet."""
+        return [r.structured.compiled for r in self.waiting if r.structured is not None and not r.structured.ready()]
+
+    def grammar_requests(self, out: SchedulerOutput) -> list[Request]:
+        """The step's constrained sequences that sample a token (their prompt is fully computed)."""
+        reqs = []
+        for rid in out.num_scheduled_tokens:
+            req = self.requests.get(rid)
+            if req is not None and req.structured is not None and req.num_computed_tokens == req.num_tokens:
+                req.structured.ready()  # a fork makes its own matcher here
+                reqs.append(req)
+        return reqs
 
     def _num_seats(self) -> int:
         # A running prompt's siblings (n > 1) take their seats when it forks, so they
@@ -218,11 +256,13 @@ class Scheduler:
         Returns the sequences that got tokens, each with how many of its sampled tokens it
         kept (the tokens after one that stops the sequence are dropped)."""
         self.num_steps += 1
-        updated = []
-        for rid in result.failed:
+        updated = [(req, 0) for req in self._failed_waiting]
+        self._failed_waiting = []
+        for rid, error in result.failed.items():
             req = self.requests.get(rid)
             if req is not None and req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
+                req.error = error
                 self._free(req, RequestStatus.FINISHED_ERROR)
                 updated.append((req, 0))
         for rid, tokens in zip(result.req_ids, result.sampled_token_ids):
@@ -234,6 +274,8 @@ class Scheduler:
                 req.append_token(tok)
                 kept += 1
                 status = req.check_stop(self.config.max_model_len)
+                if req.structured is not None:
+                    status = self._advance_grammar(req, tok, status)
                 if status is not None:
                     self.running.remove(req)
                     self._free(req, status)
@@ -241,6 +283,22 @@ class Scheduler:
             self.num_generated_tokens += kept
             updated.append((req, kept))
         return updated
+
+    @staticmethod
+    def _advance_grammar(req: Request, token: int, status: Optional[RequestStatus]) -> Optional[RequestStatus]:
+        """Feed the sampled token to req's matcher; a grammar completed by a stop token stops the sequence.
+
+        (llguidance reports termination already after the last content token: the next mask then
+        allows only EOS, so the sequence still ends on a stop token, whose text is never output.)"""
+        if not req.structured.matcher.accept_token(token):
+            req.error = f"token {token} sampled outside the grammar"  # a masking bug; never silently
+            return RequestStatus.FINISHED_ERROR
+        is_stop_token = token in req.eos_token_ids or token in req.sampling_params.stop_token_ids
+        if status is None and is_stop_token and req.structured.matcher.is_terminated():
+            # (check_stop went on past EOS because of ignore_eos, but the grammar allows nothing more)
+            req.stop_reason = None
+            return RequestStatus.FINISHED_STOPPED
+        return status
 
     def get_request(self, request_id: str) -> Optional[Request]:
         return self.requests.get(request_id)

@@ -4,12 +4,21 @@ It owns the scheduler and KV cache manager and calls an Executor; requests come 
 EngineCoreRequests (token ids, SamplingParams) and leave as EngineCoreOutputs (new
 token ids, logprobs, finish reasons). Text never reaches it. The offline LLM calls it
 in-process; the server runs it in its own process (core_proc.py).
+
+With structured outputs in the batch, the grammar bitmask of the constrained rows is
+filled on a helper thread while the forward runs on this one (torch stays on the step
+thread), then handed to sample_tokens. Only where a core is left over: when the forward's
+threads take every core (a small CPU box), a concurrent fill would stall the forward's
+thread team for longer than the fill itself, so it runs before the forward instead.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+import os
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Optional
 
 from freight.config import EngineConfig
 from freight.core.kv_cache_manager import KVCacheManager
@@ -20,6 +29,8 @@ from freight.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineC
 from freight.executor.executor import Executor
 from freight.model_config import ModelConfig
 from freight.model_loader import resolve_model_dir
+from freight.step_contract import GrammarOutput
+from freight.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +69,9 @@ class EngineCore:
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_batched, self.max_model_len,
                                                    config.enable_chunked_prefill), self.kv_cache)
+        self.model_dir = model_dir
+        self._structured: Optional[StructuredOutputManager] = None
+        self._mask_thread: Optional[ThreadPoolExecutor] = None
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d, max_num_batched_tokens %d",
                     num_blocks, config.block_size, num_blocks * self.executor.kv_bytes_per_block() / 2**20,
                     self.max_model_len, max_batched)
@@ -77,8 +91,26 @@ class EngineCore:
         seqs = [Request(request_id=sid, prompt_token_ids=req.prompt_token_ids, sampling_params=params.for_sample(i),
                         max_tokens=req.max_tokens, eos_token_ids=eos, arrival_time=req.arrival_time)
                 for i, sid in enumerate([req.request_id, *req.fork_ids])]
+        if params.structured_outputs is not None:
+            grammar = self.structured_outputs(req.eos_token_ids).request(params.structured_outputs)
+            for i, seq in enumerate(seqs):  # every sample has its own matcher
+                seq.structured = grammar if i == 0 else grammar.fork()
         seqs[0].pending_forks = seqs[1:]
         self.scheduler.add_request(seqs[0])
+
+    def structured_outputs(self, eos_token_ids: list[int]) -> StructuredOutputManager:
+        """The grammar manager, made on the first constrained request (its tokenizer is loaded lazily)."""
+        if self._structured is None:
+            from freight.structured_output.backends import make_backend_factory
+
+            factory = make_backend_factory(self.config.tokenizer or str(self.model_dir), self.config,
+                                           self.model_config.vocab_size, sorted(eos_token_ids))
+            self._structured = StructuredOutputManager(factory, self.model_config.vocab_size,
+                                                       self.config.structured_outputs_backend,
+                                                       self.config.structured_output_defaults())
+            if _has_spare_core(self.executor.device):
+                self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="freight-bitmask")
+        return self._structured
 
     def finish_requests(self, request_ids: Iterable[str], stopped: bool = False) -> list[str]:
         """Abort sequences (or end them for a stop string); returns the ids that were still unfinished."""
@@ -101,8 +133,14 @@ class EngineCore:
     # -- the step -----------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
         sched_out = self.scheduler.schedule()
-        runner_out = self.executor.execute_model(sched_out)
+        mask_job = self._start_bitmask(sched_out)
+        self.executor.execute_model(sched_out)
+        runner_out = self.executor.sample_tokens(mask_job.result() if mask_job is not None else None)
         updated = self.scheduler.update_from_output(sched_out, runner_out)
+        if sched_out.is_empty and not updated:
+            compiling = self.scheduler.compiling_grammars()
+            if compiling:  # only grammars are pending: wait for one instead of spinning (inputs wait <= 50 ms)
+                futures.wait(compiling, timeout=0.05, return_when=futures.FIRST_COMPLETED)
         sampled = dict(zip(runner_out.req_ids, zip(runner_out.sampled_token_ids, runner_out.sampled_logprobs)))
         outputs = []
         for req, n in updated:
@@ -111,12 +149,31 @@ class EngineCore:
                 req.request_id, tokens[:n], lps[:n], runner_out.logprobs.get(req.request_id),
                 runner_out.prompt_logprobs.get(req.request_id),
                 req.status.value if req.status.finished else None, req.stop_reason,
-                max(req.num_cached_tokens, 0), req.first_scheduled_time, runner_out.failed.get(req.request_id)))
+                max(req.num_cached_tokens, 0), req.first_scheduled_time, req.error))
         seen = {r.request_id for r, _ in updated}
         for rid, lps in runner_out.prompt_logprobs.items():  # prompt chunks that sampled nothing yet
             if rid not in seen:
                 outputs.append(EngineCoreOutput(rid, [], [], new_prompt_logprobs=lps))
         return EngineCoreOutputs(self.engine_index, outputs, self.make_stats())
+
+    def _start_bitmask(self, sched_out) -> Optional["Future[GrammarOutput]"]:
+        """Fill the bitmask of the step's constrained rows on the helper thread (None: no such rows)."""
+        if self._structured is None:
+            return None
+        reqs = self.scheduler.grammar_requests(sched_out)
+        if not reqs:
+            return None
+        banned = [_min_tokens_banned(r) for r in reqs]
+
+        def fill() -> GrammarOutput:
+            return GrammarOutput.from_array([r.request_id for r in reqs],
+                                            self._structured.fill_bitmask([r.structured for r in reqs], banned))
+
+        if self._mask_thread is not None:
+            return self._mask_thread.submit(fill)
+        done: Future = Future()
+        done.set_result(fill())
+        return done
 
     def make_stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()
@@ -125,4 +182,25 @@ class EngineCore:
         return self.kv_cache.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        if self._structured is not None:
+            self._structured.shutdown()
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown(wait=False)
         self.executor.shutdown()
+
+
+def _has_spare_core(device) -> bool:
+    """Whether a bitmask fill can run beside the forward without taking a core from it."""
+    import torch
+
+    if device.type != "cpu":
+        return True  # the host mostly waits on the device
+    return len(os.sched_getaffinity(0)) > torch.get_num_threads()
+
+
+def _min_tokens_banned(req: Request) -> list[int]:
+    """The stop tokens a request may not sample yet (it has fewer than min_tokens outputs)."""
+    p = req.sampling_params
+    if len(req.output_token_ids) >= p.min_tokens:
+        return []
+    return list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(req.eos_token_ids))

@@ -13,6 +13,7 @@ from typing import Optional, Union
 from freight.config import EngineConfig
 from freight.engine.messages import EngineCoreRequest
 from freight.sampling_params import SamplingParams, SamplingParamsError
+from freight.structured_output import GrammarSpecError, choose_backend, with_defaults
 
 PromptType = Union[str, list[int], dict]
 
@@ -75,6 +76,13 @@ class InputProcessor:
         if bad:
             raise SamplingParamsError(f"stop_token_ids outside the vocabulary [0, {vocab}): {bad[:5]}",
                                       "stop_token_ids")
+        if params.structured_outputs is not None:
+            # Parsing the constraint is cheap (no tokenizer); compiling it happens in the engine core.
+            spec = with_defaults(params.structured_outputs, self.config.structured_output_defaults())
+            try:
+                choose_backend(spec, self.config.structured_outputs_backend)
+            except GrammarSpecError as e:
+                raise SamplingParamsError(str(e), "structured_outputs") from None
 
     def _validate_prompt(self, ids: list[int]) -> None:
         if not ids:

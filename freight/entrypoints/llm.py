@@ -35,7 +35,7 @@ class LLM:
                  max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, device: str = "auto", revision: Optional[str] = None,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                 **kwargs: Any):
+                 structured_outputs_config: Optional[dict] = None, **kwargs: Any):
         if tensor_parallel_size != 1:
             raise ValueError("freight runs on one device; tensor_parallel_size must be 1")
         unknown = set(kwargs) - _IGNORED_VLLM_ARGS
@@ -46,7 +46,7 @@ class LLM:
             seed=seed, block_size=block_size, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
-            trust_remote_code=trust_remote_code)
+            trust_remote_code=trust_remote_code, structured_outputs_config=structured_outputs_config)
         # data_parallel_size > 1: that many engine-core processes, each with the whole model and its own
         # KV cache (the CPUs split between them); requests go to the least loaded.
         self.llm_engine = LLMEngine(config, data_parallel_size)
@@ -101,17 +101,19 @@ class LLM:
     def chat(self, messages: Union[list[dict], list[list[dict]]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              use_tqdm: bool = True, chat_template: Optional[str] = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, tools: Optional[list[dict]] = None) -> list[RequestOutput]:
+        """Generate replies to conversations; tools (OpenAI's shape) go into the chat template, as in vLLM."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.apply_chat_template(conv, chat_template, add_generation_prompt) for conv in conversations]
+        prompts = [self.apply_chat_template(conv, chat_template, add_generation_prompt, tools)
+                   for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, conversation: list[dict], chat_template: Optional[str] = None,
-                            add_generation_prompt: bool = True) -> dict:
+                            add_generation_prompt: bool = True, tools: Optional[list[dict]] = None) -> dict:
         tok = self.get_tokenizer()
         if chat_template is None and not getattr(tok, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; pass chat_template=... or use generate()")
         text = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
-                                       add_generation_prompt=add_generation_prompt)
+                                       add_generation_prompt=add_generation_prompt, tools=tools)
         # The template already holds any BOS token: tokenize without adding specials again.
         return {"prompt": text, "prompt_token_ids": tok(text, add_special_tokens=False).input_ids}

@@ -1,20 +1,21 @@
 """Executor: the engine core's one handle on the devices.
 
-The core calls determine_num_blocks, initialize_cache and execute_model with plain
+The core calls determine_num_blocks, initialize_cache, and per step execute_model (the
+forward) then sample_tokens (with the grammar bitmask, filled meanwhile) with plain
 data; how many workers there are and where they run is the executor's business. A
-multi-process tensor-parallel executor broadcasts each SchedulerOutput to its ranks
-and returns rank 0's ModelRunnerOutput, with no change to the scheduler.
+multi-process tensor-parallel executor broadcasts each SchedulerOutput and GrammarOutput
+to its ranks and returns rank 0's ModelRunnerOutput, with no change to the scheduler.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from freight.config import EngineConfig
 from freight.model_config import ModelConfig
-from freight.step_contract import ModelRunnerOutput, SchedulerOutput
+from freight.step_contract import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +47,11 @@ class Executor(ABC):
     def initialize_cache(self, num_blocks: int, max_model_len: int) -> None: ...
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        """Run the step's forward; the logits wait on the workers for sample_tokens."""
+
+    @abstractmethod
+    def sample_tokens(self, grammar: Optional[GrammarOutput]) -> ModelRunnerOutput: ...
 
     def shutdown(self) -> None:
         pass

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from freight.config import EngineConfig
 from freight.executor.executor import Executor
 from freight.model_config import ModelConfig
-from freight.step_contract import ModelRunnerOutput, SchedulerOutput
+from freight.step_contract import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 from freight.worker.worker import Worker
 
 
@@ -26,5 +27,8 @@ class UniProcExecutor(Executor):
     def initialize_cache(self, num_blocks: int, max_model_len: int) -> None:
         self.worker.initialize_cache(num_blocks, max_model_len)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        self.worker.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar: Optional[GrammarOutput]) -> ModelRunnerOutput:
+        return self.worker.sample_tokens(grammar)

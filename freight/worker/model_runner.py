@@ -3,17 +3,23 @@
 It takes a plain-data SchedulerOutput, keeps each request's state (token history,
 generator, penalty counts, block table) in its persistent InputBatch, and returns a
 plain-data ModelRunnerOutput. It never sees the scheduler's objects.
+
+A step has two calls, as in vLLM: execute_model runs the forward and keeps the logits;
+sample_tokens applies the grammar bitmask of constrained rows (which the engine core
+fills while the forward runs) and samples.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
 from freight.layers.attention import kv_cache_shape, needs_zeroed_cache
 from freight.model_config import ModelConfig
-from freight.step_contract import LogprobsLists, ModelRunnerOutput, SchedulerOutput
+from freight.step_contract import GrammarOutput, LogprobsLists, ModelRunnerOutput, SchedulerOutput
+from freight.worker.bitmask import apply_token_bitmask
 from freight.worker.input_batch import InputBatch, ModelInput, PromptRows, build_model_input
 from freight.worker.request_state import CachedRequestState
 from freight.worker.kv_prefault import prefault_in_background
@@ -57,6 +63,7 @@ class ModelRunner:
             prefault_in_background([t for pair in self.kv_caches for t in pair])
         self.sampler = Sampler(seed, device)
         self.batch = InputBatch(max_num_seqs, -(-max_model_len // block_size), cfg.vocab_size, device)
+        self._pending: Optional[tuple[Optional[torch.Tensor], Optional[ModelInput]]] = None
 
     # -- the step -----------------------------------------------------------------
     def _zero_new_blocks(self, max_block_id: int) -> None:
@@ -77,11 +84,12 @@ class ModelRunner:
             v[:, dst] = v[:, src]
 
     @torch.inference_mode()
-    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, out: SchedulerOutput) -> None:
+        """Run the step's forward; its logits wait for sample_tokens."""
         self.batch.update_states(out)
-        result = ModelRunnerOutput()
         if out.is_empty:
-            return result
+            self._pending = (None, None)
+            return
         if self._zero_on_first_use:
             # (stale entries past a row's table are old block ids: at worst this zeroes ahead)
             self._zero_new_blocks(int(self.batch.block_table[:self.batch.num_reqs].max()))
@@ -89,9 +97,24 @@ class ModelRunner:
             self._copy_blocks(out.block_copies)
         inp = build_model_input(self.batch, out, self.block_size, self.device)
         logits = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn, inp.logits_indices)
+        self._pending = (logits, inp)
+
+    @torch.inference_mode()
+    def sample_tokens(self, grammar: Optional[GrammarOutput] = None) -> ModelRunnerOutput:
+        if self._pending is None:
+            raise RuntimeError("sample_tokens without a preceding execute_model")
+        (logits, inp), self._pending = self._pending, None
+        result = ModelRunnerOutput()
+        if inp is None:
+            return result
         n = len(inp.sampling)
+        constrained: list[int] = []
+        if n and grammar is not None and grammar.req_ids:
+            row_of = {s.req_id: i for i, s in enumerate(inp.sampling)}
+            constrained = [row_of[rid] for rid in grammar.req_ids]
+            apply_token_bitmask(logits, grammar.array(), constrained)
         if n:
-            self._sample(logits[:n], inp, result)
+            self._sample(logits[:n], inp, result, constrained)
         if inp.prompt_rows:
             self._prompt_logprobs(logits[n:], inp, result)
         for state in self.batch.reqs[:self.batch.num_reqs]:
@@ -99,28 +122,34 @@ class ModelRunner:
                 result.failed[state.req_id] = state.error
         return result
 
-    def _sample(self, logits: torch.Tensor, inp: ModelInput, result: ModelRunnerOutput) -> None:
+    def _sample(self, logits: torch.Tensor, inp: ModelInput, result: ModelRunnerOutput,
+                constrained: list[int]) -> None:
         states = inp.sampling
         rows = [i for i, s in enumerate(states) if s.error is None]
         try:
-            self._sample_rows(logits, states, rows, result)
+            self._sample_rows(logits, states, rows, result, constrained)
         except Exception:
             # One request's parameters must not fail the others: sample the rows one by one and
             # fail only those that raise (greedy rows give the very same tokens).
             for i in rows:
                 try:
-                    self._sample_rows(logits, states, [i], result)
+                    self._sample_rows(logits, states, [i], result, constrained)
                 except Exception as e:
                     logger.exception("sampling failed for request %s", states[i].req_id)
                     states[i].error = f"sampling failed: {type(e).__name__}: {e}"
 
     def _sample_rows(self, logits: torch.Tensor, states: list[CachedRequestState], rows: list[int],
-                     result: ModelRunnerOutput) -> None:
+                     result: ModelRunnerOutput, constrained: list[int]) -> None:
         """Sample the given rows; result and states change only once everything has succeeded."""
         if not rows:
             return
         picked = [states[i] for i in rows]
         st = SamplingTensors.from_requests(picked, [s.generator for s in picked], self.cfg.vocab_size, self.device)
+        if st.banned is not None and constrained:
+            # A constrained row's min_tokens ban is in its bitmask already, lifted where the
+            # grammar allows nothing but a stop token.
+            exempt = [j for j, i in enumerate(rows) if i in set(constrained)]
+            st.banned[exempt] = False
         so = self.sampler(logits[rows] if len(rows) < len(states) else logits, st)
         token_ids = so.token_ids.tolist()
         logprobs = so.logprobs.tolist()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import torch
@@ -13,7 +14,7 @@ import torch
 from freight.config import EngineConfig
 from freight.model_config import ModelConfig
 from freight.model_loader import configure_threads, load_model, resolve_device, resolve_dtype
-from freight.step_contract import ModelRunnerOutput, SchedulerOutput
+from freight.step_contract import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 from freight.worker.model_runner import ModelRunner, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
@@ -62,5 +63,8 @@ class Worker:
                                         self.config.block_size, num_blocks, self.config.seed,
                                         self.config.max_num_seqs, max_model_len)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        self.model_runner.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar: Optional[GrammarOutput]) -> ModelRunnerOutput:
+        return self.model_runner.sample_tokens(grammar)

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import uvicorn
@@ -38,6 +38,7 @@ from freight.entrypoints.openai.preprocess import PromptPreparer
 from freight.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                  DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest,
                                                  TokenizeResponse, VersionResponse)
+from freight.entrypoints.openai.chat_reply import ChatParsers
 from freight.entrypoints.openai.serving_chat import OpenAIServingChat
 from freight.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from freight.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
@@ -60,6 +61,7 @@ class ServerSettings:
     api_key: Optional[str] = None
     trust_request_chat_template: bool = False
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    chat_parsers: ChatParsers = field(default_factory=ChatParsers)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_path: str) -> "ServerSettings":
@@ -70,7 +72,22 @@ class ServerSettings:
         body = getattr(args, "max_request_body_size", None)
         return cls(served_model_names=list(names), model_path=model_path, api_key=resolve_api_key(args),
                    trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
-                   max_request_body_bytes=parse_size(body) if body is not None else DEFAULT_MAX_BODY_BYTES)
+                   max_request_body_bytes=parse_size(body) if body is not None else DEFAULT_MAX_BODY_BYTES,
+                   chat_parsers=chat_parsers_from_args(args))
+
+
+def chat_parsers_from_args(args: argparse.Namespace) -> ChatParsers:
+    from freight.entrypoints.openai.reasoning_parsers import get_reasoning_parser
+    from freight.entrypoints.openai.tool_parsers import get_tool_parser
+
+    auto = bool(getattr(args, "enable_auto_tool_choice", False))
+    tool_name = getattr(args, "tool_call_parser", None)
+    reasoning_name = getattr(args, "reasoning_parser", None)
+    if auto and not tool_name:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, mistral, pythonic)")
+    return ChatParsers(tool_parser=get_tool_parser(tool_name) if tool_name else None,
+                       reasoning_parser=get_reasoning_parser(reasoning_name) if reasoning_name else None,
+                       enable_auto_tool_choice=auto)
 
 
 def resolve_api_key(args: argparse.Namespace) -> Optional[str]:
@@ -145,7 +162,7 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     async_llm.output_observers.append(metrics.observe)
     prep = PromptPreparer(async_llm.prep_tokenizer, async_llm.max_model_len, settings.trust_request_chat_template)
     completion = OpenAIServingCompletion(async_llm, names, prep)
-    chat = OpenAIServingChat(async_llm, names, prep)
+    chat = OpenAIServingChat(async_llm, names, prep, parsers=settings.chat_parsers)
     tokenization = OpenAIServingTokenization(async_llm, names, prep)
 
     @asynccontextmanager
@@ -272,10 +289,10 @@ def run_server(args: argparse.Namespace) -> int:
     from freight.cli.engine_args import engine_config_from_args
 
     config = engine_config_from_args(args)
+    settings = ServerSettings.from_args(args, config.model)  # bad flags fail before the engine starts
     async_llm = AsyncLLM(config, data_parallel_size=args.data_parallel_size, max_waiting=args.max_waiting_requests,
                          log_stats_interval=args.log_stats_interval, log_requests=not args.disable_log_requests)
     try:
-        settings = ServerSettings.from_args(args, config.model)
         app = build_app(async_llm, settings)
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                        access_log=not args.disable_uvicorn_access_log,

@@ -103,6 +103,7 @@ class CompletionRequest(_Request):
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     user: Optional[str] = None
+    response_format: Optional[dict[str, Any]] = None  # as on chat (vLLM accepts it on completions too)
     # vLLM extensions that the server itself handles
     add_special_tokens: bool = True
 
@@ -151,10 +152,11 @@ class ChatCompletionRequest(_Request):
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     user: Optional[str] = None
-    # features the server does not have (refused with a 400 when set to anything meaningful)
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None  # false: at most one tool call
+    # the legacy function calling (refused: use tools)
     functions: Optional[list[Any]] = None
     function_call: Optional[Union[str, dict[str, Any]]] = None
     # vLLM extensions that the server itself handles
@@ -179,9 +181,36 @@ class ChatLogProbs(_Response):
     content: Optional[list[ChatLogProbsContent]] = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str                       # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(_Response):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(_Response):
+    """One fragment of a streamed tool call: id, type and name come once, then argument pieces."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class ChatMessage(_Response):
     role: str
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(_Response):
@@ -204,6 +233,8 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Optional[str] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionStreamChoice(_Response):
@@ -249,6 +280,7 @@ class TokenizeRequest(_Request):
     continue_final_message: bool = False
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None  # rendered into the chat template, as on /v1/chat/completions
     return_token_strs: bool = False
 
 

@@ -2,6 +2,8 @@
 
 Streams follow OpenAI's order: a chunk with the assistant role per choice, content
 deltas, a chunk with the finish reason, the usage chunk (choices []) when asked.
+Tools, tool_choice and response_format become an output constraint (structured
+outputs) and a per-choice ChoiceParser (reasoning, tool calls), see chat_reply.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fastapi import Request
 from starlette.responses import Response
 
 from freight.engine.request_stream import RequestStream
+from freight.entrypoints.openai.chat_reply import ChatParsers, ChoiceParser, merge_deltas
 from freight.entrypoints.openai.errors import APIError, bad_request
 from freight.entrypoints.openai.logprobs import TokenStrings, chat_logprobs
 from freight.entrypoints.openai.protocol import (ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
@@ -22,12 +25,14 @@ from freight.entrypoints.openai.protocol import (ChatCompletionChoice, ChatCompl
 from freight.entrypoints.openai.serving_engine import (MAX_LOGPROBS, SSE_DONE, OpenAIServing, SSEResponse,
                                                        check_common, extra_values, final_outputs, random_id, sse,
                                                        sse_error, to_sampling_params, until_disconnect)
+from freight.entrypoints.openai.structured import constraint_errors_named, take_constraint
+from freight.entrypoints.openai.tool_calls import ToolPlan, plan_tools, template_messages_tool_calls
 from freight.sampling_params import SamplingParams
 
-_ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 _UNSUPPORTED_PARTS = {"image_url", "input_audio", "file", "image", "audio", "video", "video_url"}
 _RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tokenize", "chat_template", "add_generation_prompt",
-                             "continue_final_message", "return_dict", "return_tensors"}
+                             "continue_final_message", "return_dict", "return_tensors", "tools"}
 
 
 def _content_text(content: Any, where: str, role: str) -> str:
@@ -35,6 +40,8 @@ def _content_text(content: Any, where: str, role: str) -> str:
         return content
     if content is None:
         if role == "assistant":
+            return ""
+        if role == "tool":
             return ""
         raise bad_request(f"Missing required parameter: '{where}.content'.", param=f"{where}.content",
                           code="missing_required_parameter")
@@ -55,8 +62,8 @@ def _content_text(content: Any, where: str, role: str) -> str:
     return "\n".join(texts)
 
 
-def parse_messages(messages: Any) -> list[dict[str, str]]:
-    """Check messages as OpenAI does and reduce them to {role, content[, name]} with text content."""
+def parse_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check messages as OpenAI does and reduce them to {role, content[, name, tool_calls, tool_call_id]}."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array of messages.", param="messages",
                           code="invalid_value")
@@ -70,14 +77,25 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
         if role is None:
             raise bad_request(f"Missing required parameter: '{where}.role'.", param=f"{where}.role",
                               code="missing_required_parameter")
-        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-            raise bad_request(f"'{where}': tool and function messages are not supported by this server.",
+        if role == "function" or m.get("function_call"):
+            raise bad_request(f"'{where}': the legacy function messages are not supported; use tools.",
                               param=where, code="unsupported_parameter")
         if role not in _ROLES:
             raise bad_request(f"Invalid value for '{where}.role': {role!r}. Supported values are: 'system', "
-                              "'developer', 'user' and 'assistant'.", param=f"{where}.role", code="invalid_value")
-        msg = {"role": "system" if role == "developer" else role,
-               "content": _content_text(m.get("content"), where, role)}
+                              "'developer', 'user', 'assistant' and 'tool'.", param=f"{where}.role",
+                              code="invalid_value")
+        msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                               "content": _content_text(m.get("content"), where, role)}
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise bad_request(f"'{where}.tool_calls' is only allowed on assistant messages.",
+                                  param=f"{where}.tool_calls", code="invalid_value")
+            msg["tool_calls"] = template_messages_tool_calls(m["tool_calls"], where)
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise bad_request(f"Missing required parameter: '{where}.tool_call_id'.",
+                                  param=f"{where}.tool_call_id", code="missing_required_parameter")
+            msg["tool_call_id"] = m["tool_call_id"]
         if m.get("name") is not None:
             if not isinstance(m["name"], str):
                 raise bad_request(f"Invalid type for '{where}.name': expected a string.", param=f"{where}.name",
@@ -87,10 +105,10 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]], chat_template: Optional[str] = None,
+def render_chat(tokenizer, messages: list[dict[str, Any]], chat_template: Optional[str] = None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                template_kwargs: Optional[dict[str, Any]] = None,
-                add_special_tokens: bool = False) -> tuple[str, list[int]]:
+                template_kwargs: Optional[dict[str, Any]] = None, add_special_tokens: bool = False,
+                tools: Optional[list[dict[str, Any]]] = None) -> tuple[str, list[int]]:
     """The prompt text and token ids of a conversation (as LLM.chat builds them)."""
     if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise bad_request("This model has no chat template, so it cannot serve chat requests; use /v1/completions "
@@ -105,6 +123,8 @@ def render_chat(tokenizer, messages: list[dict[str, str]], chat_template: Option
     reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(kwargs))
     if reserved:
         raise bad_request(f"'chat_template_kwargs' must not set {', '.join(reserved)}.", param="chat_template_kwargs")
+    if tools:
+        kwargs["tools"] = tools
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
@@ -117,49 +137,52 @@ def render_chat(tokenizer, messages: list[dict[str, str]], chat_template: Option
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args, parsers: Optional[ChatParsers] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parsers = parsers or ChatParsers()
+
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
         self._check_unsupported(req)
         if req.stream_options is not None and not req.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
         messages = parse_messages(req.messages)
+        plan = plan_tools(req.tools, req.tool_choice,
+                          self.parsers.enable_auto_tool_choice and self.parsers.tool_parser is not None,
+                          req.parallel_tool_calls)
         text, ids = await self.prep.render(render_chat, messages, req.chat_template,
                                            add_generation_prompt=req.add_generation_prompt,
                                            continue_final_message=req.continue_final_message,
                                            template_kwargs=req.chat_template_kwargs,
-                                           add_special_tokens=req.add_special_tokens)
+                                           add_special_tokens=req.add_special_tokens, tools=plan.tools or None)
         self.check_context(len(ids), None, "messages")
-        # Without a limit a chat reply may fill the rest of the context (OpenAI's and vLLM's default).
-        params = self._sampling_params(req, default_max_tokens=self.engine.max_model_len - len(ids))
-        self.check_context(len(ids), params.max_tokens, "messages")
         request_id = random_id("chatcmpl")
-        streams = self.add_requests(request_id, [(text, ids)], params, prompt_param="messages")
+        with constraint_errors_named(req):
+            # Without a limit a chat reply may fill the rest of the context (OpenAI's and vLLM's default).
+            params = self._sampling_params(req, plan, default_max_tokens=self.engine.max_model_len - len(ids))
+            self.check_context(len(ids), params.max_tokens, "messages")
+            streams = self.add_requests(request_id, [(text, ids)], params, prompt_param="messages")
         if req.stream:
-            return SSEResponse(self._stream(req, request_id, ids, params, streams[0]),
+            return SSEResponse(self._stream(req, plan, request_id, ids, params, streams[0]),
                                on_close=streams[0].abort)
         try:
-            return await until_disconnect(raw, self._full(req, request_id, ids, params, streams[0]))
+            return await until_disconnect(raw, self._full(req, plan, request_id, ids, params, streams[0]))
         finally:
             streams[0].abort()
 
     @staticmethod
     def _check_unsupported(req: ChatCompletionRequest) -> None:
         def refuse(param: str, what: str) -> None:
-            raise bad_request(f"'{param}': {what} is not supported by this server.", param=param,
+            raise bad_request(f"'{param}': {what} is not supported by this server; use tools.", param=param,
                               code="unsupported_parameter")
 
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            refuse("response_format", f"response_format of type {req.response_format.get('type')!r}")
-        if req.tools:
-            refuse("tools", "tool calling")
-        if req.tool_choice not in (None, "none", "auto"):
-            refuse("tool_choice", "tool calling")
         if req.functions:
-            refuse("functions", "function calling")
+            refuse("functions", "legacy function calling")
         if req.function_call not in (None, "none", "auto"):
-            refuse("function_call", "function calling")
+            refuse("function_call", "legacy function calling")
 
-    def _sampling_params(self, req: ChatCompletionRequest, default_max_tokens: int) -> SamplingParams:
+    def _sampling_params(self, req: ChatCompletionRequest, plan: ToolPlan,
+                         default_max_tokens: int) -> SamplingParams:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = default_max_tokens
@@ -176,6 +199,14 @@ class OpenAIServingChat(OpenAIServing):
         if req.logprobs:
             values["logprobs"] = req.top_logprobs or 0
         values.update(extra_values(req))
+        take_constraint(values, req.response_format)
+        if plan.forced:
+            if "structured_outputs" in values:
+                raise bad_request(f"tool_choice {plan.choice!r} constrains the output already; it cannot be "
+                                  "combined with response_format or structured_outputs.", param="tool_choice")
+            values["structured_outputs"] = plan.constraint()
+        elif plan.choice == "auto" and self.parsers.tool_parser.keeps_special_tokens:
+            values.setdefault("skip_special_tokens", False)  # its call marker is a special token
         try:
             return to_sampling_params(values)
         except APIError as e:
@@ -189,21 +220,25 @@ class OpenAIServingChat(OpenAIServing):
             return None
         return ChatLogProbs(content=chat_logprobs(strings, token_ids, lps, req.top_logprobs or 0))
 
-    async def _full(self, req: ChatCompletionRequest, request_id: str, prompt_ids: list[int],
+    async def _full(self, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, prompt_ids: list[int],
                     params: SamplingParams, stream: RequestStream) -> Response:
         out = (await final_outputs([stream]))[0]
         choices = []
         for c in out.outputs:
             strings = TokenStrings(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            parser = ChoiceParser(plan, self.parsers, self.tokenizer, req.chat_template_kwargs)
+            reply = parser.full(c.text)
             choices.append(ChatCompletionChoice(
-                index=c.index, message=ChatMessage(role="assistant", content=c.text),
+                index=c.index, message=ChatMessage(role="assistant", content=reply.content,
+                                                   reasoning_content=reply.reasoning_content,
+                                                   tool_calls=reply.tool_calls),
                 logprobs=self._logprobs(req, strings, c.token_ids, c.logprobs or []),
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                finish_reason=parser.finish_reason(c.finish_reason), stop_reason=c.stop_reason))
         resp = ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                       usage=usage(len(prompt_ids), sum(len(c.token_ids) for c in out.outputs)))
         return Response(resp.model_dump_json(), media_type="application/json")
 
-    async def _stream(self, req: ChatCompletionRequest, request_id: str, prompt_ids: list[int],
+    async def _stream(self, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, prompt_ids: list[int],
                       params: SamplingParams, stream: RequestStream) -> AsyncIterator[str]:
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)
@@ -217,6 +252,7 @@ class OpenAIServingChat(OpenAIServing):
                 usage=usage(len(prompt_ids), generated) if with_usage else None))
 
         strings = [TokenStrings(self.tokenizer, prompt_ids, params.skip_special_tokens) for _ in range(params.n)]
+        parsers = [ChoiceParser(plan, self.parsers, self.tokenizer, req.chat_template_kwargs) for _ in range(params.n)]
         done = [False] * params.n
         try:
             for i in range(params.n):
@@ -228,14 +264,19 @@ class OpenAIServingChat(OpenAIServing):
                     if done[c.index]:
                         continue
                     text, new_ids = out.delta_text[pos], out.delta_token_ids[pos]
+                    parser = parsers[c.index]
                     done[c.index] = c.finish_reason is not None
-                    if not text and not new_ids and not done[c.index]:
+                    delta = parser.delta(text)
+                    if done[c.index]:
+                        delta = merge_deltas([delta, parser.finish()])
+                    if delta is None and not new_ids and not done[c.index]:
                         continue
                     lps = (c.logprobs or [])[len(c.token_ids) - len(new_ids):]
                     yield chunk([ChatCompletionStreamChoice(
-                        index=c.index, delta=DeltaMessage(content=text) if text else DeltaMessage(),
+                        index=c.index, delta=delta or DeltaMessage(),
                         logprobs=self._logprobs(req, strings[c.index], new_ids, lps),
-                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)], include_usage and continuous)
+                        finish_reason=parser.finish_reason(c.finish_reason), stop_reason=c.stop_reason)],
+                        include_usage and continuous)
             if include_usage:
                 yield chunk([], True)
         except Exception as e:
@@ -243,3 +284,4 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             stream.abort()
         yield SSE_DONE
+

@@ -14,11 +14,12 @@ from freight.entrypoints.openai.logprobs import TokenStrings, completion_logprob
 from freight.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
                                                  CompletionResponse, usage)
 from freight.entrypoints.openai.serving_engine import (MAX_LOGPROBS, MAX_N, MAX_PROMPTS, SSE_DONE, OpenAIServing,
-                                                       SSEResponse, check_common, extra_values, final_outputs, merge_streams,
-                                                       random_id, sse, sse_error, to_sampling_params,
+                                                       SSEResponse, check_common, extra_values, final_outputs,
+                                                       merge_streams, random_id, sse, sse_error, to_sampling_params,
                                                        until_disconnect)
 from freight.engine.request_stream import RequestStream
 from freight.outputs import CompletionOutput, RequestOutput
+from freight.entrypoints.openai.structured import constraint_errors_named, take_constraint
 from freight.sampling_params import SamplingParams
 
 Prompt = tuple[Optional[str], list[int]]
@@ -46,12 +47,14 @@ class OpenAIServingCompletion(OpenAIServing):
                               code="unsupported_parameter")
         if req.stream_options is not None and not req.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
-        params = self._sampling_params(req)
+        with constraint_errors_named(req):
+            params = self._sampling_params(req)
         prompts = await self._prompts(req)
         for _, ids in prompts:
             self.check_context(len(ids), params.max_tokens)
         request_id = random_id("cmpl")
-        streams = self.add_requests(request_id, prompts, params)
+        with constraint_errors_named(req):
+            streams = self.add_requests(request_id, prompts, params)
         if req.stream:
             return SSEResponse(self._stream(req, request_id, prompts, params, streams),
                                on_close=lambda: [s.abort() for s in streams])
@@ -74,6 +77,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.echo and req.logprobs is not None and "prompt_logprobs" not in extras:
             values["prompt_logprobs"] = req.logprobs
         values.update(extras)
+        take_constraint(values, req.response_format)
         return to_sampling_params(values)
 
     async def _prompts(self, req: CompletionRequest) -> list[Prompt]:

@@ -41,10 +41,9 @@ _NEUTRAL: dict[str, Any] = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "freq
 # Known OpenAI/vLLM parameters freight does not implement: a 400 says so (others: "unrecognized").
 _KNOWN_UNSUPPORTED = frozenset({
     "use_beam_search", "length_penalty", "early_stopping", "truncate_prompt_tokens", "allowed_token_ids",
-    "bad_words", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-    "guided_whitespace_pattern", "structured_outputs", "priority", "logits_processors", "mm_processor_kwargs",
+    "bad_words", "priority", "logits_processors", "mm_processor_kwargs",
     "documents", "return_tokens_as_token_ids", "kv_transfer_params", "vllm_xargs", "prompt_embeds", "suffix",
-    "response_format", "tools", "tool_choice", "functions", "function_call", "audio", "modalities",
+    "tools", "tool_choice", "functions", "function_call", "audio", "modalities",
     "prediction", "reasoning_effort", "web_search_options", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "best_of", "logit_bias", "stop", "min_tokens", "n", "prompt_logprobs",
     "include_stop_str_in_output", "spaces_between_special_tokens", "echo"})

@@ -6,6 +6,7 @@ from freight.entrypoints.openai.errors import bad_request
 from freight.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                                  TokenizeRequest, TokenizeResponse)
 from freight.entrypoints.openai.serving_chat import parse_messages, render_chat
+from freight.entrypoints.openai.tool_calls import plan_tools
 from freight.entrypoints.openai.serving_engine import OpenAIServing
 
 
@@ -22,7 +23,8 @@ class OpenAIServingTokenization(OpenAIServing):
                                             add_generation_prompt=req.add_generation_prompt,
                                             continue_final_message=req.continue_final_message,
                                             template_kwargs=req.chat_template_kwargs,
-                                            add_special_tokens=bool(req.add_special_tokens))
+                                            add_special_tokens=bool(req.add_special_tokens),
+                                            tools=plan_tools(req.tools, None, True).tools or None)
         strs = await self.prep.run(self.prep.tokenizer.convert_ids_to_tokens, ids) if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids,
                                 token_strs=strs)
