@@ -950,6 +950,14 @@ class _Gate:
         self.inner, self.marker, self.fail = backend.compile, marker, fail
         self.event, self.entered = threading.Event(), threading.Event()
 
+    @classmethod
+    def install(cls, llm, monkeypatch, prefix: str, fail: bool = False) -> "_Gate":
+        """A gate on the xgrammar backend of llm's engine core, for specs holding a fresh marker (gate.marker)."""
+        backend = _core(llm).structured_outputs({EOS}).backend("xgrammar")
+        gate = cls(backend, _marker(prefix), fail)
+        monkeypatch.setattr(backend, "compile", gate)
+        return gate
+
     def __call__(self, spec):
         if self.marker in spec.cache_key():
             self.entered.set()
@@ -975,11 +983,8 @@ def _step_until(engine, done, limit_s: float = 30.0):
 def test_slow_compile_does_not_block_other_requests(stories_engines, monkeypatch):
     llm = stories_engines("auto")
     engine = llm.llm_engine
-    mgr = _core(llm).structured_outputs({EOS})
-    backend = mgr.backend("xgrammar")
-    marker = _marker("slow")
-    gate = _Gate(backend, marker)
-    monkeypatch.setattr(backend, "compile", gate)
+    gate = _Gate.install(llm, monkeypatch, "slow")
+    marker = gate.marker
     slow_schema = _unique_schema(marker)
     gen(llm, PROMPTS[0], SamplingParams(max_tokens=2, structured_outputs=SO(choice=["yes", "no"])))  # cached now
     engine.add_request("slow", PROMPTS[0], SamplingParams(temperature=0, max_tokens=40,
@@ -1005,11 +1010,8 @@ def test_slow_compile_does_not_block_other_requests(stories_engines, monkeypatch
 def test_abort_while_compiling(stories_engines, monkeypatch):
     llm = stories_engines("auto")
     engine = llm.llm_engine
-    mgr = _core(llm).structured_outputs({EOS})
-    backend = mgr.backend("xgrammar")
-    marker = _marker("abort")
-    gate = _Gate(backend, marker)
-    monkeypatch.setattr(backend, "compile", gate)
+    gate = _Gate.install(llm, monkeypatch, "abort")
+    marker = gate.marker
     engine.add_request("waiting", PROMPTS[0], SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=40,
                                                              structured_outputs=SO(json=_unique_schema(marker))))
     try:
@@ -1031,12 +1033,9 @@ def test_abort_while_compiling(stories_engines, monkeypatch):
 def test_compile_failure_fails_only_its_request(stories_engines, monkeypatch):
     llm = stories_engines("auto")
     engine = llm.llm_engine
-    mgr = _core(llm).structured_outputs({EOS})
-    backend = mgr.backend("xgrammar")
-    marker = _marker("fail")
-    gate = _Gate(backend, marker, fail=True)
+    gate = _Gate.install(llm, monkeypatch, "fail", fail=True)
+    marker = gate.marker
     gate.event.set()
-    monkeypatch.setattr(backend, "compile", gate)
     params = [SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=20,
                              structured_outputs=SO(json=_unique_schema(marker))),
               SamplingParams(temperature=0, max_tokens=12),
@@ -1046,6 +1045,34 @@ def test_compile_failure_fails_only_its_request(stories_engines, monkeypatch):
     assert all(c.token_ids == [] for c in outs[0].outputs)
     assert outs[1].outputs[0].finish_reason == "length"
     assert_completed(outs[2].outputs[0], check_regex(WORD_NUM), "neighbour of a failed grammar")
+    assert not engine.has_unfinished_requests()
+    stats = engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_fork_matcher_failure_fails_only_that_sample(stories_engines, monkeypatch):
+    """A sample whose own matcher cannot be made fails alone: its siblings and neighbours finish."""
+    llm = stories_engines("auto")
+    engine = llm.llm_engine
+    backend = _core(llm).structured_outputs({EOS}).backend("xgrammar")
+    made, inner = [], backend.matcher
+
+    def matcher(compiled):
+        made.append(compiled)
+        if len(made) == 2:  # the first fork of the n=3 request
+            raise RuntimeError("injected matcher failure")
+        return inner(compiled)
+
+    monkeypatch.setattr(backend, "matcher", matcher)
+    params = [SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=30, structured_outputs=SO(regex=WORD_NUM)),
+              SamplingParams(temperature=0, max_tokens=12)]
+    outs = gen(llm, PROMPTS[:2], params)
+    reasons = sorted(c.finish_reason for c in outs[0].outputs)
+    assert reasons == ["error", "stop", "stop"], reasons
+    for c in outs[0].outputs:
+        if c.finish_reason == "stop":
+            assert_completed(c, check_regex(WORD_NUM), "sibling of a failed sample")
+    assert outs[1].outputs[0].finish_reason == "length"
     assert not engine.has_unfinished_requests()
     stats = engine.get_stats()
     assert stats.num_free_blocks == stats.num_total_blocks

@@ -56,7 +56,7 @@ class Scheduler:
         self._finished_ids: list[str] = []
         # Requests the runner holds -> the block-table length it knows (-1: preempted, its table is stale).
         self._sent_blocks: dict[str, int] = {}
-        self._failed_waiting: list[Request] = []  # failed before running (grammar); reported next update
+        self._failed: list[Request] = []  # failed in the scheduler (grammar); reported by the next update
         self.num_preemptions = 0
         self.num_computed_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -173,13 +173,13 @@ class Scheduler:
         self.waiting.extendleft(reversed(compiling))
 
     def _fail(self, req: Request, error: str) -> None:
-        """End a waiting request (and its unforked siblings) with an error."""
+        """End a request taken off its queue (and its unforked siblings) with an error."""
         req.error = error
         self._free(req, RequestStatus.FINISHED_ERROR)
-        self._failed_waiting.append(req)
+        self._failed.append(req)
         for child in req.pending_forks:
             child.status, child.error = RequestStatus.FINISHED_ERROR, error
-            self._failed_waiting.append(child)
+            self._failed.append(child)
         req.pending_forks = []
 
     def compiling_grammars(self) -> list:
@@ -187,12 +187,20 @@ class Scheduler:
         return [r.structured.compiled for r in self.waiting if r.structured is not None and not r.structured.ready()]
 
     def grammar_requests(self, out: SchedulerOutput) -> list[Request]:
-        """The step's constrained sequences that sample a token (their prompt is fully computed)."""
+        """The step's constrained sequences that sample a token (their prompt is fully computed).
+
+        A fork makes its own matcher here; if that fails, the fork alone fails (the runner's
+        token for it is dropped, as for any request that ended during the step)."""
         reqs = []
         for rid in out.num_scheduled_tokens:
             req = self.requests.get(rid)
-            if req is not None and req.structured is not None and req.num_computed_tokens == req.num_tokens:
-                req.structured.ready()  # a fork makes its own matcher here
+            if req is None or req.structured is None or req.num_computed_tokens != req.num_tokens:
+                continue
+            req.structured.ready()
+            if req.structured.error is not None:
+                self.running.remove(req)
+                self._fail(req, req.structured.error)
+            else:
                 reqs.append(req)
         return reqs
 
@@ -256,8 +264,8 @@ class Scheduler:
         Returns the sequences that got tokens, each with how many of its sampled tokens it
         kept (the tokens after one that stops the sequence are dropped)."""
         self.num_steps += 1
-        updated = [(req, 0) for req in self._failed_waiting]
-        self._failed_waiting = []
+        updated = [(req, 0) for req in self._failed]
+        self._failed = []
         for rid, error in result.failed.items():
             req = self.requests.get(rid)
             if req is not None and req.status == RequestStatus.RUNNING:

@@ -148,7 +148,8 @@ class ModelRunner:
         if st.banned is not None and constrained:
             # A constrained row's min_tokens ban is in its bitmask already, lifted where the
             # grammar allows nothing but a stop token.
-            exempt = [j for j, i in enumerate(rows) if i in set(constrained)]
+            constrained_rows = set(constrained)
+            exempt = [j for j, i in enumerate(rows) if i in constrained_rows]
             st.banned[exempt] = False
         so = self.sampler(logits[rows] if len(rows) < len(states) else logits, st)
         token_ids = so.token_ids.tolist()

@@ -51,9 +51,11 @@ def take_constraint(values: dict[str, Any], response_format: Optional[dict[str, 
             raise bad_request("'structured_outputs' must be an object.", param="structured_outputs",
                               code="invalid_type")
         found["structured_outputs"] = dict(so)
-    guided = {field: values.pop(name) for name, field in _GUIDED.items() if values.get(name) is not None}
-    for name in _GUIDED:
-        values.pop(name, None)
+    guided = {}
+    for name, field in _GUIDED.items():
+        value = values.pop(name, None)
+        if value is not None:
+            guided[field] = value
     values.pop("guided_decoding_backend", None)  # per-request backends are gone in vLLM v1 too
     if set(guided) - {"whitespace_pattern"}:
         found["guided_*"] = guided
