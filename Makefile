@@ -13,7 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# The tests' extras: pytest and friends, and Ray for the Ray tensor-parallel test.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test,ray]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,7 +26,7 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/freight serve --host 127.0.0.1 --port $(PORT)
 
-test: install
+test: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

@@ -52,8 +52,19 @@ class EngineConfig:
     # vLLM's structured_outputs_config: {"backend": "auto" | "xgrammar" | "guidance", and defaults for every
     # request: "disable_fallback", "disable_any_whitespace", "disable_additional_properties"}
     structured_outputs_config: Optional[dict] = None
+    tensor_parallel_size: int = 1
+    # How the tensor-parallel ranks run: "mp" (processes on this host) or "ray" (actors on a Ray
+    # cluster); None: mp. Rank 0 always runs in the engine core's own process.
+    distributed_executor_backend: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in (None, "mp", "ray", "uni"):
+            raise ValueError(f"distributed_executor_backend must be mp or ray, got "
+                             f"{self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError("distributed_executor_backend 'uni' runs one rank; use mp or ray for tensor parallelism")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -34,6 +34,25 @@ class ModelConfig:
     hidden_act: str
     raw: dict
 
+    def kv_heads_per_rank(self, tensor_parallel_size: int) -> int:
+        """KV heads each rank caches: its share, or one replicated head when there are fewer than ranks."""
+        return max(self.num_kv_heads // tensor_parallel_size, 1)
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """A clear error when this model cannot be split over tp ranks (before any rank starts)."""
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tp}")
+        problems = []
+        if self.num_heads % tp:
+            problems.append(f"{self.num_heads} attention heads")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            problems.append(f"{self.num_kv_heads} KV heads (neither a multiple nor a divisor of {tp})")
+        if self.intermediate_size % tp:
+            problems.append(f"intermediate size {self.intermediate_size}")
+        if problems:
+            raise ValueError(f"{self.architecture} cannot be split over {tp} tensor-parallel ranks: "
+                             f"{', '.join(problems)} do not divide evenly")
+
     @classmethod
     def from_dir(cls, model_dir: Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"

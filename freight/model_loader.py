@@ -2,7 +2,8 @@
 
 Weights are read tensor by tensor from memory-mapped safetensors files straight
 into the model's (possibly fused) parameters, so the checkpoint is never held in
-memory twice.
+memory twice. Each parameter's weight_loader reads only the slice its tensor-parallel
+rank holds (layers/parallel_linear.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from freight.layers.linear import pack_linear_weights
+from freight.layers.parallel_linear import default_weight_loader
 from freight.layers.rotary import RotaryEmbedding
 from freight.model_config import ModelConfig
 from freight.models.registry import resolve_model_class
@@ -99,12 +101,28 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+class _LazyTensor:
+    """A checkpoint tensor not read yet: a weight loader reads the part it needs."""
+
+    def __init__(self, st, name: str):
+        self._st, self._name = st, name
+        self._slice = st.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return self._slice[index]
+
+    def full(self) -> torch.Tensor:
+        return self._st.get_tensor(self._name)
+
+
+def iterate_weights(model_dir: Path) -> Iterator[tuple[str, _LazyTensor]]:
     files = _safetensors_files(model_dir)
     for f in tqdm(files, desc="Loading safetensors shards", disable=len(files) < 2):
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for name in st.keys():
-                yield name, st.get_tensor(name)
+                yield name, _LazyTensor(st, name)
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -136,28 +154,24 @@ def _load_weights(model: nn.Module, model_dir: Path) -> None:
             continue  # old checkpoints store inv_freq; freight recomputes it
         if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
             continue
+        shard = None
         fused = next((k for k in model.stacked_params if f".{k}." in name), None)
         if fused is not None:
             target, shard = model.stacked_params[fused]
             name = name.replace(f".{fused}.", f".{target}.")
-            sizes = model.stacked_shard_sizes(target)
-            dst = params[name].data.narrow(0, sum(sizes[:shard]), sizes[shard]) if name in params else None
-            key = f"{name}#{shard}"
-        else:
-            dst = params[name].data if name in params else None
-            key = name
-        if dst is None:
+        if name not in params:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {type(model).__name__}")
-        if tuple(dst.shape) != tuple(tensor.shape):
-            raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(dst.shape)}")
-        dst.copy_(tensor)
-        loaded.add(key)
+        module_name, _, attr = name.rpartition(".")
+        loader = getattr(model.get_submodule(module_name), "weight_loader", default_weight_loader)
+        try:
+            loader(attr, params[name], tensor, shard)
+        except ValueError as e:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} {e}") from None
+        loaded.add(name if shard is None else f"{name}#{shard}")
     expected = set()
     for name, p in params.items():
-        fused = next((t for t, _ in model.stacked_params.values() if f".{t}." in name), None)
-        n_shards = len(model.stacked_shard_sizes(fused)) if fused else 0
-        expected.update(f"{name}#{i}" for i in range(n_shards)) if fused else expected.add(name)
+        n = getattr(model.get_submodule(name.rpartition(".")[0]), "num_shards", 1)
+        expected.update(f"{name}#{i}" for i in range(n)) if n > 1 else expected.add(name)
     if model.cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
     missing = sorted(expected - loaded)

@@ -44,6 +44,12 @@ def test_bitmask(tmp_path):
         assert r[key] > 0
 
 
+def test_allreduce(tmp_path):
+    r = bench(tmp_path, "allreduce", "--sizes", "8,3000", "--iters", "3")
+    assert [row["elements"] for row in r["results"]] == [8, 3000]
+    assert all(row["gloo_us"] > 0 and row["shm_us"] > 0 for row in r["results"])
+
+
 def test_latency(stories_dir, tmp_path):
     r = bench(tmp_path, "latency", "--model", str(stories_dir), "--batch-size", "4", *SIZES, "--num-iters", "2",
               "--num-iters-warmup", "1", *ENGINE)

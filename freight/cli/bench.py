@@ -62,6 +62,11 @@ def add_parser(subparsers) -> None:
     b.add_argument("--output-json", default=None)
     b.set_defaults(func=_run("bitmask"))
 
+    a = sub.add_parser("allreduce", help="tensor-parallel all-reduce on one host: gloo vs shared memory")
+    from freight.benchmarks.allreduce import add_arguments as add_allreduce_args
+    add_allreduce_args(a)
+    a.set_defaults(func=_run("allreduce"))
+
     k = sub.add_parser("soak", help="robustness soak of a live server: a mix of requests, client hang-ups, "
                                     "checked responses, back to idle after")
     k.add_argument("--base-url", default="http://127.0.0.1:8000")

@@ -32,6 +32,12 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--structured-outputs-config", type=json.loads, default=None, metavar="JSON",
                    help='grammar backend for structured outputs, e.g. \'{"backend": "xgrammar"}\' '
                         "(auto, xgrammar or guidance; default auto: xgrammar, llguidance for what it rejects)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                   help="split the model over N ranks (torch.distributed: gloo or shared memory on CPU, NCCL on "
+                        "CUDA); rank 0 runs in the engine core's process, the CPUs are split between the ranks")
+    g.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=None,
+                   help="where tensor-parallel ranks run: mp (processes on this host, the default) or ray "
+                        "(actors on the Ray cluster of RAY_ADDRESS or a local one; pip install 'freight[ray]')")
     g.add_argument("--data-parallel-size", "-dp", type=positive_int, default=1, metavar="N",
                    help="engine-core processes, each with the whole model and its own KV cache (the CPUs are "
                         "split between them); requests go to the least loaded")
@@ -56,4 +62,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill, trust_remote_code=args.trust_remote_code,
         served_model_name=getattr(args, "served_model_name", None), num_threads=args.num_threads,
-        structured_outputs_config=args.structured_outputs_config)
+        structured_outputs_config=args.structured_outputs_config,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend)

@@ -22,6 +22,7 @@ class SchedulerStats(msgspec.Struct):
     num_generated_tokens: int = 0
     num_steps: int = 0
     num_allocated_blocks: int = 0     # block allocations so far (shared blocks count once)
+    num_requests_received: int = 0    # requests the engine core has taken in so far
 
 
 def sum_stats(stats: list[SchedulerStats]) -> SchedulerStats:

@@ -77,6 +77,8 @@ class AsyncLLM:
         self.on_dead: list[Callable[[BaseException], None]] = []
 
         self.model_dir = resolve_model_dir(config.model, config.revision)
+        model_config = ModelConfig.from_dir(self.model_dir)
+        model_config.check_tensor_parallel(config.tensor_parallel_size)  # before any process starts
         self.client: CoreClient = make_client(config, data_parallel_size, multiprocess,
                                               log_level=logging.getLogger("freight").getEffectiveLevel())
         try:
@@ -92,7 +94,7 @@ class AsyncLLM:
             self.client.shutdown(timeout=2)
             raise
         self.max_model_len = self.client.max_model_len
-        self.processor = InputProcessor(config, self.tokenizer, ModelConfig.from_dir(self.model_dir).vocab_size,
+        self.processor = InputProcessor(config, self.tokenizer, model_config.vocab_size,
                                         eos_token_ids(self.model_dir, self.tokenizer), self.max_model_len)
         self.output_processor = OutputProcessor(detokenizer)
 

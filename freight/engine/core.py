@@ -57,6 +57,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, engine_index: int = 0):
         self.config = config
         self.engine_index = engine_index
+        self._num_received = 0  # requests taken in so far; the frontend counts those still in transit
         model_dir = resolve_model_dir(config.model, config.revision)
         self.model_config = ModelConfig.from_dir(model_dir)
         self.executor = Executor.create(config, model_dir, self.model_config)
@@ -86,6 +87,7 @@ class EngineCore:
 
     # -- requests ---------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
+        self._num_received += 1  # (taken, even if it fails below: no longer in transit)
         params = req.sampling_params
         eos = frozenset(req.eos_token_ids)
         seqs = [Request(request_id=sid, prompt_token_ids=req.prompt_token_ids, sampling_params=params.for_sample(i),
@@ -176,7 +178,9 @@ class EngineCore:
         return done
 
     def make_stats(self) -> SchedulerStats:
-        return self.scheduler.make_stats()
+        stats = self.scheduler.make_stats()
+        stats.num_requests_received = self._num_received
+        return stats
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache.reset_prefix_cache()

@@ -163,8 +163,10 @@ class MPCoreClient(CoreClient):
             addr = f"ipc://{self._dir}/in{i}"
             sock.bind(addr)
             self._ins.append(sock)
+            # A daemonic process may not start processes of its own: a core with tensor-parallel
+            # ranks is not one (it exits by itself within 0.5 s if this process goes away).
             proc = spawn.Process(target=_core_main, args=(cfg, i, addr, out_addr, cpus, log_level),
-                                 name=f"freight-engine-core-{i}", daemon=True)
+                                 name=f"freight-engine-core-{i}", daemon=config.tensor_parallel_size == 1)
             proc.start()
             self._procs.append(proc)
         self.engines: list[EngineCoreReady] = []
@@ -198,14 +200,31 @@ class MPCoreClient(CoreClient):
                 raise EngineDeadError(f"engine core {i} (pid {p.pid}) died with exit code {p.exitcode}")
 
     def _send(self, engine: int, kind: RequestType, payload) -> None:
+        import zmq
+
+        frames = [bytes([kind]), encode(payload)]
         with self._send_lock:
-            self._ins[engine].send_multipart([bytes([kind]), encode(payload)], copy=False)
+            # A PUSH socket whose peer is gone blocks forever: send without blocking, and while the
+            # frames cannot go out, make sure the core is still there to take them.
+            while True:
+                try:
+                    self._ins[engine].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                    return
+                except zmq.Again:
+                    proc = self._procs[engine]
+                    if not proc.is_alive():
+                        raise EngineDeadError(f"engine core {engine} (pid {proc.pid}) died with exit code "
+                                              f"{proc.exitcode}") from None
+                    time.sleep(0.005)
 
     def add_request(self, request: EngineCoreRequest, engine: int) -> None:
         self._send(engine, RequestType.ADD, request)
 
     def finish_requests(self, request_ids: list[str], engine: int, stopped: bool = False) -> None:
-        self._send(engine, RequestType.ABORT, CoreFinish(request_ids, stopped))
+        try:
+            self._send(engine, RequestType.ABORT, CoreFinish(request_ids, stopped))
+        except EngineDeadError:
+            pass  # a dead core holds nothing to abort
 
     def call_utility(self, method: str) -> None:
         for i in range(len(self._ins)):
@@ -269,7 +288,9 @@ def _split_for_data_parallel(config: EngineConfig, n: int) -> list[tuple[EngineC
     if config.num_threads is not None or len(cpus) < n:
         return [(config, None)] * n
     share = len(cpus) // n
-    return [(dataclasses.replace(config, num_threads=share), cpus[i * share:(i + 1) * share]) for i in range(n)]
+    # (with tensor parallelism the core's executor splits its CPUs further, between its ranks)
+    threads = share if config.tensor_parallel_size == 1 else None
+    return [(dataclasses.replace(config, num_threads=threads), cpus[i * share:(i + 1) * share]) for i in range(n)]
 
 
 def make_client(config: EngineConfig, data_parallel_size: int = 1, multiprocess: bool = True,
@@ -279,7 +300,7 @@ def make_client(config: EngineConfig, data_parallel_size: int = 1, multiprocess:
     Without multiprocess the core runs on a thread of its own (threaded: an asynchronous frontend)
     or in the caller's thread (a synchronous one, stepping it through get_output)."""
     if not multiprocess:
-        if data_parallel_size != 1:
-            raise ValueError("data parallelism needs the engine cores in their own processes")
+        if data_parallel_size != 1 or config.tensor_parallel_size != 1:
+            raise ValueError("data and tensor parallelism need the engine cores in their own processes")
         return ThreadCoreClient(config) if threaded else InprocCoreClient(config)
     return MPCoreClient(config, data_parallel_size, log_level)

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 from freight.config import EngineConfig
 from freight.engine.core import EngineCore
+from freight.executor.distributed import ExecutorDeadError
 from freight.engine.messages import (EngineCoreOutput, EngineCoreOutputs, EngineCoreReady, RequestType,
                                      decode_input, encode)
 
@@ -84,6 +85,8 @@ class EngineCoreProc:
     def _step(self) -> None:
         try:
             outputs = self.core.step()
+        except ExecutorDeadError:
+            raise  # a tensor-parallel rank is gone: this core cannot step again, so it dies
         except Exception as e:
             logger.exception("engine step failed; failing the requests in flight")
             failed = self.core.recover_from_failed_step()  # if even that raises, the core is dead

@@ -18,7 +18,7 @@ class EngineRouter:
         self.engine_of: dict[str, int] = {}          # unfinished request -> its engine core
         self.load = [0] * num_engines                # unfinished requests per engine
         self.stats = [SchedulerStats() for _ in range(num_engines)]
-        self._sent_since_stats = [0] * num_engines   # requests sent after the engine's last stats
+        self._sent = [0] * num_engines               # requests sent to each engine so far
 
     @property
     def num_engines(self) -> int:
@@ -36,7 +36,7 @@ class EngineRouter:
         engine = min(range(len(self.load)), key=self.load.__getitem__)
         self.engine_of[request_id] = engine
         self.load[engine] += 1
-        self._sent_since_stats[engine] += 1
+        self._sent[engine] += 1
         return engine
 
     def release(self, request_id: str) -> Optional[int]:
@@ -49,11 +49,13 @@ class EngineRouter:
     def record(self, outs: EngineCoreOutputs) -> None:
         if outs.stats is not None:
             self.stats[outs.engine_index] = outs.stats
-            self._sent_since_stats[outs.engine_index] = 0
 
     def num_waiting(self) -> int:
-        """Waiting in the cores at their last stats, plus what was sent since (it may be waiting too)."""
-        return sum(s.num_waiting for s in self.stats) + sum(self._sent_since_stats)
+        """Waiting in the cores at their last stats, plus what is still in transit to them (it may be
+        waiting too). In transit: sent, and not yet counted as received by a core's stats (stats that
+        a core made before it took a request in must not make that request vanish)."""
+        in_transit = sum(sent - s.num_requests_received for sent, s in zip(self._sent, self.stats))
+        return sum(s.num_waiting for s in self.stats) + in_transit
 
     def total_stats(self) -> SchedulerStats:
         return sum_stats(self.stats) if len(self.stats) > 1 else self.stats[0]

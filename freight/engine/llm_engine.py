@@ -33,13 +33,16 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, data_parallel_size: int = 1):
         self.config = config
         self.model_dir = resolve_model_dir(config.model, config.revision)
-        self.client = make_client(config, data_parallel_size, multiprocess=data_parallel_size > 1, threaded=False)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.model_config.check_tensor_parallel(config.tensor_parallel_size)  # before any process starts
+        # Tensor parallelism pins rank 0 to its share of the CPUs: that is the core's process, not the caller's.
+        multiprocess = data_parallel_size > 1 or config.tensor_parallel_size > 1
+        self.client = make_client(config, data_parallel_size, multiprocess=multiprocess, threaded=False)
         self.tokenizer = load_tokenizer(config.tokenizer or str(self.model_dir), config.revision,
                                         config.trust_remote_code)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.client.wait_ready()
         self.max_model_len = self.client.max_model_len
-        self.model_config = ModelConfig.from_dir(self.model_dir)
         self.processor = InputProcessor(config, self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                         self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -51,7 +54,7 @@ class LLMEngine:
     def engine_core(self):
         """The in-process EngineCore (one engine only)."""
         if not isinstance(self.client, InprocCoreClient):
-            raise AttributeError("the engine cores run in their own processes (data_parallel_size > 1)")
+            raise AttributeError("the engine cores run in their own processes (data or tensor parallelism)")
         return self.client.engine_core
 
     @property

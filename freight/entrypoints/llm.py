@@ -35,9 +35,8 @@ class LLM:
                  max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, device: str = "auto", revision: Optional[str] = None,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                 structured_outputs_config: Optional[dict] = None, **kwargs: Any):
-        if tensor_parallel_size != 1:
-            raise ValueError("freight runs on one device; tensor_parallel_size must be 1")
+                 structured_outputs_config: Optional[dict] = None,
+                 distributed_executor_backend: Optional[str] = None, **kwargs: Any):
         unknown = set(kwargs) - _IGNORED_VLLM_ARGS
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
@@ -46,7 +45,10 @@ class LLM:
             seed=seed, block_size=block_size, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
-            trust_remote_code=trust_remote_code, structured_outputs_config=structured_outputs_config)
+            trust_remote_code=trust_remote_code, structured_outputs_config=structured_outputs_config,
+            tensor_parallel_size=tensor_parallel_size, distributed_executor_backend=distributed_executor_backend)
+        # tensor_parallel_size > 1: the model split over that many ranks (processes, or Ray actors with
+        # distributed_executor_backend="ray"), the engine core in its own process as rank 0.
         # data_parallel_size > 1: that many engine-core processes, each with the whole model and its own
         # KV cache (the CPUs split between them); requests go to the least loaded.
         self.llm_engine = LLMEngine(config, data_parallel_size)

@@ -3,7 +3,8 @@
 The families differ only in a few switches: QKV bias (Qwen2), per-head q/k RMSNorm
 (Qwen3), sliding windows (Mistral) and rope scaling (Llama 3); one module covers all.
 Q/K/V and gate/up projections are fused into single matmuls; the loader maps the
-Hugging Face checkpoint names onto the fused weights (see `stacked_params`).
+Hugging Face checkpoint names onto the fused weights (see `stacked_params`). Under
+tensor parallelism each rank holds its heads and channels (layers/parallel_linear.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from freight.layers.attention import AttentionMetadata, PagedAttention
-from freight.layers.linear import Linear
+from freight.distributed.parallel_state import get_tp_group, split_units
+from freight.layers.parallel_linear import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
+                                            VocabParallelEmbedding)
 from freight.layers.norm import RMSNorm
 from freight.kernels import silu_and_mul
 from freight.layers.rotary import RotaryEmbedding, RotaryStep
@@ -25,11 +28,15 @@ from freight.model_config import ModelConfig
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        tp = get_tp_group()
+        d = self.head_dim = cfg.head_dim
+        self.num_heads = split_units(cfg.num_heads, tp.world_size, tp.rank)[1]  # this rank's
+        self.num_kv_heads = split_units(cfg.num_kv_heads, tp.world_size, tp.rank)[1]
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [(cfg.num_heads, d), (cfg.num_kv_heads, d),
+                                                               (cfg.num_kv_heads, d)], bias=qkv_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads, d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
@@ -55,9 +62,9 @@ class MLP(nn.Module):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu)")
-        self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [(cfg.intermediate_size, 1)] * 2, bias=False)
+        self.intermediate = self.gate_up_proj.local_sizes[0]  # this rank's channels
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, 1, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
@@ -103,10 +110,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         qkv_bias = cfg.attention_bias if self.qkv_bias is None else self.qkv_bias
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, self.qk_norm) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
         self.tie_weights()
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
@@ -114,10 +121,6 @@ class LlamaForCausalLM(nn.Module):
         """Tied checkpoints have no lm_head tensor; the head reads the embedding matrix."""
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-
-    def stacked_shard_sizes(self, fused: str) -> list[int]:
-        a = self.layers[0].self_attn
-        return [a.q_size, a.kv_size, a.kv_size] if fused == "qkv_proj" else [self.cfg.intermediate_size] * 2
 
     def checkpoint_name(self, name: str) -> str:
         """Map a Hugging Face tensor name onto this module's parameter names."""

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from freight.distributed.parallel_state import get_tp_group
 from freight.layers.attention import kv_cache_shape, needs_zeroed_cache
 from freight.model_config import ModelConfig
 from freight.step_contract import GrammarOutput, LogprobsLists, ModelRunnerOutput, SchedulerOutput
@@ -29,9 +30,10 @@ from freight.worker.sampling_tensors import SamplingTensors
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1) -> int:
+    """One block's K and V over all layers, on one rank."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    return 2 * cfg.num_layers * block_size * cfg.kv_heads_per_rank(tensor_parallel_size) * cfg.head_dim * elem
 
 
 def _logprobs_lists(chosen: list[int], chosen_lp: list[float], top_ids, top_lps, ks: list[int]) -> LogprobsLists:
@@ -50,7 +52,8 @@ class ModelRunner:
         self.cfg = cfg
         self.device = device
         self.block_size = block_size
-        shape = kv_cache_shape(cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
+        kv_heads = cfg.kv_heads_per_rank(get_tp_group().world_size)  # this rank's
+        shape = kv_cache_shape(kv_heads, num_blocks, block_size, cfg.head_dim)
         # Allocated empty (start-up stays fast, pages are touched only when used). The gathered
         # decode path (CUDA, no C compiler) reads whole blocks and masks the unused slots, but a
         # masked NaN from uninitialised memory would still poison its sum: there, blocks are
@@ -152,7 +155,7 @@ class ModelRunner:
             exempt = [j for j, i in enumerate(rows) if i in constrained_rows]
             st.banned[exempt] = False
         so = self.sampler(logits[rows] if len(rows) < len(states) else logits, st)
-        token_ids = so.token_ids.tolist()
+        token_ids = get_tp_group().broadcast_from_rank0(so.token_ids).tolist()  # every rank feeds rank 0's
         logprobs = so.logprobs.tolist()
         top_ids = so.top_token_ids.tolist() if so.top_token_ids is not None else None
         top_lps = so.top_logprobs.tolist() if so.top_logprobs is not None else None

@@ -1,0 +1,1 @@
+"""Tensor parallelism: the rank group, its collectives, and how a model is split over ranks."""
