@@ -257,3 +257,15 @@ def test_ray_tp2_equals_tp1(variant, ray_cluster, random_model, make_llm):
     tp2 = generate(make_llm(d, max_num_batched_tokens=32, tensor_parallel_size=2,
                             distributed_executor_backend="ray"), PROMPTS)
     assert_same(d, PROMPTS, tp1, tp2, f"{variant} (ray)")
+
+
+def test_ray_data_parallel_cores_are_actors(ray_cluster, random_model, make_llm):
+    """-dp 2 with the Ray backend: the engine cores are actors of the cluster, reached over TCP."""
+    import psutil
+
+    d = random_model("llama_gqa")
+    want = generate(make_llm(d), PROMPTS)
+    llm = make_llm(d, data_parallel_size=2, distributed_executor_backend="ray")
+    assert generate(llm, PROMPTS) == want
+    pids = llm.llm_engine.client.pids
+    assert len(pids) == 2 and all(psutil.Process(pid).ppid() != os.getpid() for pid in pids)

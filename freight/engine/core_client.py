@@ -4,9 +4,9 @@
   (the offline LLM: no threads, no IPC).
 - ThreadCoreClient: one EngineCoreProc busy loop on a thread of this process (tests,
   embedding); inputs and outputs pass through in-memory queues.
-- MPCoreClient: one engine-core process per data-parallel rank, spawned here, over
-  ZMQ with msgpack: a PUSH socket per engine for inputs, one PULL socket for every
-  engine's outputs. A core that dies is noticed within a poll interval and raised
+- MPCoreClient: one engine-core process per data-parallel rank, spawned here (or, with
+  the Ray backend, Ray actors: engine/ray_cores.py), over ZMQ with msgpack: a PUSH
+  socket per engine for inputs, one PULL socket for every engine's outputs. A core that dies is noticed within a poll interval and raised
   as EngineDeadError from get_output().
 
 Both take requests for a given engine index; choosing it is the frontend's job.
@@ -149,20 +149,30 @@ class MPCoreClient(CoreClient):
     def __init__(self, config: EngineConfig, data_parallel_size: int = 1, log_level: int = logging.INFO):
         import zmq
 
+        # With the Ray backend, data-parallel cores are Ray actors the cluster places, reached over TCP.
+        self._ray_cores = config.distributed_executor_backend == "ray" and data_parallel_size > 1
+        self._owns_ray = False
+        if self._ray_cores:
+            from freight.engine.ray_cores import ensure_ray
+
+            self._owns_ray = ensure_ray()
         self._ctx = zmq.Context()
         self._dir = tempfile.mkdtemp(prefix="freight-ipc-")
-        out_addr = f"ipc://{self._dir}/out"
         self._out = self._ctx.socket(zmq.PULL)
-        self._out.bind(out_addr)
+        out_addr = self._bind(self._out, "out")
         self._ins, self._procs = [], []
         self._send_lock = threading.Lock()  # ZMQ sockets are not thread-safe
         self._closing = False
         spawn = multiprocessing.get_context("spawn")
         for i, (cfg, cpus) in enumerate(_split_for_data_parallel(config, data_parallel_size)):
             sock = self._ctx.socket(zmq.PUSH)
-            addr = f"ipc://{self._dir}/in{i}"
-            sock.bind(addr)
+            addr = self._bind(sock, f"in{i}")
             self._ins.append(sock)
+            if self._ray_cores:
+                from freight.engine.ray_cores import RayCoreProcess
+
+                self._procs.append(RayCoreProcess(cfg, i, addr, out_addr, log_level))
+                continue
             # A daemonic process may not start processes of its own: a core with tensor-parallel
             # ranks is not one (it exits by itself within 0.5 s if this process goes away).
             proc = spawn.Process(target=_core_main, args=(cfg, i, addr, out_addr, cpus, log_level),
@@ -170,6 +180,17 @@ class MPCoreClient(CoreClient):
             proc.start()
             self._procs.append(proc)
         self.engines: list[EngineCoreReady] = []
+
+    def _bind(self, sock, name: str) -> str:
+        """Bind an IPC file here, or (Ray cores, possibly on other nodes) a TCP port at this node's address."""
+        if self._ray_cores:
+            from freight.engine.ray_cores import node_address
+
+            host = node_address()
+            return f"tcp://{host}:{sock.bind_to_random_port(f'tcp://{host}')}"
+        addr = f"ipc://{self._dir}/{name}"
+        sock.bind(addr)
+        return addr
 
     def wait_ready(self) -> None:
         try:
@@ -269,6 +290,10 @@ class MPCoreClient(CoreClient):
         for name in os.listdir(self._dir):
             os.unlink(os.path.join(self._dir, name))
         os.rmdir(self._dir)
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def _core_main(*args) -> None:

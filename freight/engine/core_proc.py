@@ -102,8 +102,12 @@ def _error_output(request_id: str, error: str) -> EngineCoreOutput:
 
 # -- the engine-core process ---------------------------------------------------------------
 def run_engine_core(config: EngineConfig, engine_index: int, input_address: str, output_address: str,
-                    cpus: Optional[list[int]] = None, log_level: int = logging.INFO) -> None:
-    """Process entry point: build the core, say READY on the output socket, serve until SHUTDOWN."""
+                    cpus: Optional[list[int]] = None, log_level: int = logging.INFO,
+                    watch_parent: bool = True) -> None:
+    """Process entry point: build the core, say READY on the output socket, serve until SHUTDOWN.
+
+    watch_parent: exit when the parent process (the API process) goes away; a Ray actor's parent
+    is Ray's, and Ray itself ends the actor with the driver that owns it."""
     import zmq
 
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [engine {engine_index}] "
@@ -125,7 +129,7 @@ def run_engine_core(config: EngineConfig, engine_index: int, input_address: str,
 
     inputs: queue.Queue[CoreInputItem] = queue.Queue()
     outputs: queue.Queue[Optional[bytes]] = queue.Queue()
-    parent = os.getppid()
+    parent = os.getppid() if watch_parent else None
     threading.Thread(target=_receive_inputs, args=(ctx, input_address, inputs, parent), daemon=True,
                      name="freight-core-in").start()
     sender = threading.Thread(target=_send_outputs, args=(out_sock, outputs), daemon=True, name="freight-core-out")
@@ -137,14 +141,14 @@ def run_engine_core(config: EngineConfig, engine_index: int, input_address: str,
     logger.info("engine core stopped")
 
 
-def _receive_inputs(ctx, address: str, inputs: "queue.Queue[CoreInputItem]", parent: int) -> None:
+def _receive_inputs(ctx, address: str, inputs: "queue.Queue[CoreInputItem]", parent: Optional[int]) -> None:
     import zmq
 
     sock = ctx.socket(zmq.PULL)
     sock.connect(address)
     while True:
         if not sock.poll(500):
-            if os.getppid() != parent:  # the API process is gone: nobody will ever read our outputs
+            if parent is not None and os.getppid() != parent:  # the API process is gone: nobody will ever read our outputs
                 inputs.put((RequestType.SHUTDOWN, None))
                 return
             continue

@@ -32,15 +32,15 @@ class Executor(ABC):
 
     @staticmethod
     def create(config: EngineConfig, model_dir: Path, model_config: ModelConfig) -> "Executor":
-        backend = config.distributed_executor_backend
-        if backend == "ray":
-            from freight.executor.ray_executor import RayExecutor
-
-            return RayExecutor(config, model_dir, model_config)
         if config.tensor_parallel_size > 1:
+            if config.distributed_executor_backend == "ray":
+                from freight.executor.ray_executor import RayExecutor
+
+                return RayExecutor(config, model_dir, model_config)
             from freight.executor.multiproc import MultiprocExecutor
 
             return MultiprocExecutor(config, model_dir, model_config)
+        # (one rank, with either backend: it runs here, in the engine core's process)
         from freight.executor.uniproc import UniProcExecutor
 
         return UniProcExecutor(config, model_dir, model_config)
