@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 
+# config.json keys with no default: the model's shape cannot be guessed without them.
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 @dataclass
 class ModelConfig:
     architecture: str
@@ -65,6 +69,17 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no 'architectures' entry; cannot tell which model to build")
+        from freight.models.registry import resolve_model_class  # lazy: the model modules import this one
+        resolve_model_class(archs[0])  # an unsupported model fails on its name, not on a field it lacks
+        quant = cfg.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "an unknown method")
+            raise ValueError(f"this checkpoint is quantized with {method} (quantization_config in config.json), "
+                             "which freight cannot load; use an unquantized (float16/bfloat16/float32) checkpoint")
+        missing = [k for k in _REQUIRED if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json of {archs[0]} lacks {', '.join(map(repr, missing))}; "
+                             f"freight needs {', '.join(_REQUIRED)} to build the model")
         num_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         rope = cfg.get("rope_parameters") or {}

@@ -97,7 +97,10 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir} (freight loads safetensors only)")
+        pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in model_dir.glob(ext))
+        hint = (f"; this directory has PyTorch pickle weights ({', '.join(pickles[:3])}"
+                f"{', ...' if len(pickles) > 3 else ''}); convert them to safetensors") if pickles else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir} (freight loads safetensors only){hint}")
     return files
 
 
@@ -174,9 +177,19 @@ def _load_weights(model: nn.Module, model_dir: Path) -> None:
         expected.update(f"{name}#{i}" for i in range(n)) if n > 1 else expected.add(name)
     if model.cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    missing = sorted(expected - loaded)
+    missing = sorted(_hf_name(model, n) for n in expected - loaded)
     if missing:
         raise ValueError(f"checkpoint in {model_dir} lacks weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def _hf_name(model: nn.Module, name: str) -> str:
+    """The checkpoint name of a parameter (or fused shard 'name#i'), for error messages."""
+    name, _, shard = name.partition("#")
+    if shard:
+        name = next(name.replace(f".{target}.", f".{part}.") for part, (target, i) in model.stacked_params.items()
+                    if i == int(shard) and f".{target}." in name)
+    # Hugging Face *ForCausalLM checkpoints nest everything but the output head under 'model.'
+    return name if name.startswith("lm_head.") else f"model.{name}"
 
 
 def configure_threads(num_threads: Optional[int]) -> None:

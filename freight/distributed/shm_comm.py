@@ -56,7 +56,8 @@ def _lib() -> Optional[SimpleNamespace]:
 
 
 class ShmCommunicator:
-    """Sum all-reduce and all-gather between the `world_size` processes of one host through one shared-memory segment."""
+    """Sum all-reduce and all-gather between the `world_size` processes of one host, through one
+    shared-memory segment."""
 
     DEFAULT_SLOT_BYTES = 1 << 20  # per rank and parity: 2 * world_size MiB of /dev/shm in all
 

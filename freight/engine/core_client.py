@@ -6,8 +6,8 @@
   embedding); inputs and outputs pass through in-memory queues.
 - MPCoreClient: one engine-core process per data-parallel rank, spawned here (or, with
   the Ray backend, Ray actors: engine/ray_cores.py), over ZMQ with msgpack: a PUSH
-  socket per engine for inputs, one PULL socket for every engine's outputs. A core that dies is noticed within a poll interval and raised
-  as EngineDeadError from get_output().
+  socket per engine for inputs, one PULL socket for every engine's outputs. A core that
+  dies is noticed within a poll interval and raised as EngineDeadError from get_output().
 
 Both take requests for a given engine index; choosing it is the frontend's job.
 """

@@ -148,7 +148,8 @@ def _receive_inputs(ctx, address: str, inputs: "queue.Queue[CoreInputItem]", par
     sock.connect(address)
     while True:
         if not sock.poll(500):
-            if parent is not None and os.getppid() != parent:  # the API process is gone: nobody will ever read our outputs
+            # the API process is gone: nobody will ever read our outputs
+            if parent is not None and os.getppid() != parent:
                 inputs.put((RequestType.SHUTDOWN, None))
                 return
             continue

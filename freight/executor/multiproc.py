@@ -21,7 +21,8 @@ from typing import Optional
 
 from freight.distributed.parallel_state import DistributedInit
 from freight.executor.distributed import DistributedExecutor, ExecutorDeadError, RankPlan
-from freight.executor.worker_calls import REPLIED, Shutdown, WorkerCall, WorkerReply, decode_call, decode_reply, encode, handle
+from freight.executor.worker_calls import (REPLIED, Shutdown, WorkerCall, WorkerReply, decode_call, decode_reply,
+                                           encode, handle)
 from freight.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
