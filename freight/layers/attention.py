@@ -99,7 +99,7 @@ def needs_zeroed_cache(dtype: torch.dtype, device: torch.device) -> bool:
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: Optional[int] = None):
+                 sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -107,6 +107,9 @@ class PagedAttention(nn.Module):
         self.group = num_heads // num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
+        # Gemma 2: scores = cap * tanh(scores / cap) before the mask. Neither the C kernels nor SDPA can
+        # do it, so a soft-capped layer takes the explicit PyTorch paths for decode and prefill.
+        self.logit_softcap = logit_softcap
         self.gqa = num_heads != num_kv_heads
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -123,6 +126,10 @@ class PagedAttention(nn.Module):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, block_size)
+        if self.logit_softcap is not None:
+            for i, chunk in enumerate(meta.prefills):
+                out[chunk.start:chunk.end] = self._prefill_explicit(q, k, v, k_cache, v_cache, meta, i)
+            return out
         if meta.prefill_rows is not None and paged_prefill_available(q, k_cache):
             paged_prefill_attention(q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_rows, out,
                                     self.scale, self.sliding_window)
@@ -137,6 +144,8 @@ class PagedAttention(nn.Module):
         On CPU the native kernel reads the blocks in place. Elsewhere (CUDA, or no C
         compiler) the blocks are gathered and attended with two batched matmuls.
         """
+        if self.logit_softcap is not None:
+            return self._decode_gathered(q, k_cache, v_cache, meta, block_size)
         if paged_decode_available(q):
             return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens,
                                           self.scale, self.sliding_window)
@@ -153,7 +162,17 @@ class PagedAttention(nn.Module):
         values = torch.index_select(v_cache, 1, flat, out=v_buf).view(heads, b, nb * block_size, dim)
         qh = q.view(b, heads, self.group, dim).transpose(0, 1)                 # [Hkv, b, g, D]
         scores = torch.matmul(qh, keys.transpose(-1, -2)).float()              # [Hkv, b, g, S]
-        scores = scores.mul_(self.scale).add_(meta.decode_bias(self.sliding_window, block_size))
+        bias = meta.decode_bias(self.sliding_window, block_size)
+        if self.logit_softcap is not None:
+            cap = self.logit_softcap
+            scores = torch.tanh(scores.mul_(self.scale).div_(cap)).mul_(cap)
+            # The cache may be uninitialised (not zeroed) where the native kernels exist: slots
+            # past a sequence's length are masked out of the scores and zeroed in the values.
+            hidden = torch.isinf(bias)                                         # [b, 1, S]
+            scores = scores.masked_fill_(hidden, float("-inf"))
+            values = values.masked_fill_(hidden.view(1, b, -1, 1), 0)
+        else:
+            scores = scores.mul_(self.scale).add_(bias)
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         o = torch.matmul(probs, values)                                        # [Hkv, b, g, D]
         return o.transpose(0, 1).reshape(b, self.num_heads, dim)
@@ -173,3 +192,28 @@ class PagedAttention(nn.Module):
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=mask is None,
                                            scale=self.scale, enable_gqa=self.gqa)
         return o[0].transpose(0, 1)
+
+    def _prefill_explicit(self, q, k, v, k_cache, v_cache, meta, i):
+        """One chunk with the scores computed explicitly (scale, soft-cap, mask, float32 softmax)."""
+        chunk = meta.prefills[i]
+        t, heads, dim = chunk.end - chunk.start, self.num_kv_heads, self.head_dim
+        if chunk.num_computed == 0:
+            keys = k[chunk.start:chunk.end].transpose(0, 1)                   # [Hkv, S, D]
+            values = v[chunk.start:chunk.end].transpose(0, 1)
+        else:
+            n = chunk.seq_len
+            keys = k_cache.index_select(1, chunk.block_table).view(heads, -1, dim)[:, :n]
+            values = v_cache.index_select(1, chunk.block_table).view(heads, -1, dim)[:, :n]
+        qh = q[chunk.start:chunk.end].view(t, heads, self.group, dim).permute(1, 2, 0, 3)  # [Hkv, g, T, D]
+        scores = torch.matmul(qh, keys.transpose(-1, -2)[:, None]).float()    # [Hkv, g, T, S]
+        scores = scores.mul_(self.scale)
+        if self.logit_softcap is not None:
+            cap = self.logit_softcap
+            scores = torch.tanh(scores.div_(cap)).mul_(cap)
+        mask = meta.prefill_mask(i, self.sliding_window, q.device)
+        if mask is None:  # plain causal over the chunk itself
+            mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril_()
+        scores = scores.masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        o = torch.matmul(probs, values[:, None])                               # [Hkv, g, T, D]
+        return o.permute(2, 0, 1, 3).reshape(t, self.num_heads, dim)

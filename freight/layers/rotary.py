@@ -14,7 +14,7 @@ from torch import nn
 
 from freight.kernels import rotary_inplace
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 def _default_inv_freq(dim: int, theta: float) -> torch.Tensor:
@@ -36,9 +36,33 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def compute_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
-    inv_freq = _default_inv_freq(head_dim, theta)
+def rope_type_of(scaling: Optional[dict]) -> str:
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    return "longrope" if rope_type == "su" else rope_type  # "su": LongRoPE's old name (Phi-3)
+
+
+def _longrope_inv_freq(dim: int, theta: float, factors: list) -> torch.Tensor:
+    """transformers' _compute_longrope_parameters: the default frequencies divided per pair."""
+    ext = torch.tensor(factors, dtype=torch.float32)
+    return 1.0 / (ext * theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def longrope_attention_factor(scaling: dict, max_positions: int) -> float:
+    """cos/sin are scaled by this (transformers' default: from max / original max positions)."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or max_positions / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def compute_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
+    """head_dim: the rotated dimensions (all of a head's unless the rotary is partial).
+    For longrope: the short-factor frequencies (RotaryEmbedding also tables the long ones)."""
+    inv_freq = _default_inv_freq(head_dim, theta)
+    rope_type = rope_type_of(scaling)
+    if rope_type == "longrope":
+        return _longrope_inv_freq(head_dim, theta, scaling["short_factor"])
     if rope_type == "default":
         return inv_freq
     if rope_type == "linear":
@@ -54,6 +78,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """With longrope the tables hold 2 * max_positions rows: the short-factor rotation of each
+    position, then the long-factor one (row max_positions + p); the model picks the row
+    (`long_offset`), since transformers switches factor on the sequence's length."""
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: Optional[dict]):
         super().__init__()
         self._args = (head_dim, max_positions, theta, scaling)
@@ -65,10 +93,18 @@ class RotaryEmbedding(nn.Module):
     def build_cache(self, device=None) -> None:
         """(Re)compute the tables; the loader calls it after building the model on the meta device."""
         head_dim, max_positions, theta, scaling = self._args
-        inv_freq = compute_inv_freq(head_dim, theta, scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        inv_freqs = [compute_inv_freq(head_dim, theta, scaling)]
+        scale = 1.0
+        if rope_type_of(scaling) == "longrope":
+            inv_freqs.append(_longrope_inv_freq(head_dim, theta, scaling["long_factor"]))
+            scale = longrope_attention_factor(scaling, max_positions)
+        self.long_offset = max_positions if len(inv_freqs) > 1 else None
+        freqs = torch.cat([torch.arange(max_positions, dtype=torch.float32)[:, None] * f[None, :] for f in inv_freqs])
         emb = torch.cat((freqs, freqs), dim=-1).to(device or self.cos_cache.device)
-        self.cos_cache, self.sin_cache = emb.cos(), emb.sin()
+        if scale == 1.0:
+            self.cos_cache, self.sin_cache = emb.cos(), emb.sin()
+        else:
+            self.cos_cache, self.sin_cache = emb.cos() * scale, emb.sin() * scale
 
     def for_positions(self, positions: torch.Tensor, dtype: torch.dtype) -> "RotaryStep":
         """The rotation for one step's tokens, shared by every layer."""

@@ -21,7 +21,7 @@ from freight.layers.parallel_linear import (ColumnParallelLinear, ParallelLMHead
                                             VocabParallelEmbedding)
 from freight.layers.norm import RMSNorm
 from freight.kernels import silu_and_mul
-from freight.layers.rotary import RotaryEmbedding, RotaryStep
+from freight.layers.rotary import RotaryEmbedding, RotaryStep, rope_type_of
 from freight.model_config import ModelConfig
 
 
@@ -115,6 +115,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
         self.tie_weights()
+        if rope_type_of(cfg.rope_scaling) == "longrope":  # its long/short switch lives in models/phi3.py
+            raise ValueError(f"{cfg.architecture} with longrope rope scaling is not supported (Phi-3 is)")
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
     def tie_weights(self) -> None:
