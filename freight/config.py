@@ -56,8 +56,17 @@ class EngineConfig:
     # How the tensor-parallel ranks run: "mp" (processes on this host) or "ray" (actors on a Ray
     # cluster); None: mp. Rank 0 always runs in the engine core's own process.
     distributed_executor_backend: Optional[str] = None
+    # Which implementation runs the model: "freight" (its own classes), "transformers" (the Transformers
+    # backend: any causal LM transformers implements, on freight's paged KV cache) or "auto" (freight's own
+    # class when there is one for the architecture, else the Transformers backend).
+    model_impl: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.model_impl not in ("auto", "freight", "transformers"):
+            raise ValueError(f"model_impl must be auto, freight or transformers, got {self.model_impl!r}")
+        if self.model_impl == "transformers" and self.tensor_parallel_size > 1:
+            raise ValueError("the Transformers backend (model_impl='transformers') does not support tensor "
+                             "parallelism; use tensor_parallel_size=1 or model_impl='freight'")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.distributed_executor_backend not in (None, "mp", "ray", "uni"):

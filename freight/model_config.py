@@ -14,7 +14,7 @@ from typing import Optional
 
 
 # config.json keys with no default: the model's shape cannot be guessed without them.
-_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass
@@ -53,6 +53,10 @@ class ModelConfig:
             problems.append(f"{self.num_kv_heads} KV heads (neither a multiple nor a divisor of {tp})")
         if self.intermediate_size % tp:
             problems.append(f"intermediate size {self.intermediate_size}")
+        for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):  # experts split like MLPs
+            size = self.raw.get(key)
+            if size and size % tp:
+                problems.append(f"{key} {size}")
         if problems:
             raise ValueError(f"{self.architecture} cannot be split over {tp} tensor-parallel ranks: "
                              f"{', '.join(problems)} do not divide evenly")
@@ -69,17 +73,19 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no 'architectures' entry; cannot tell which model to build")
-        from freight.models.registry import resolve_model_class  # lazy: the model modules import this one
-        resolve_model_class(archs[0])  # an unsupported model fails on its name, not on a field it lacks
+        # lazy: the model modules import this one. An unsupported model fails on its name, not on a field it
+        # lacks; one freight has no class for may still run on the Transformers backend.
+        from freight.models.transformers_backend import check_architecture
+        check_architecture(archs[0], cfg)
         quant = cfg.get("quantization_config")
         if quant:
             method = quant.get("quant_method", "an unknown method")
             raise ValueError(f"this checkpoint is quantized with {method} (quantization_config in config.json), "
                              "which freight cannot load; use an unquantized (float16/bfloat16/float32) checkpoint")
-        missing = [k for k in _REQUIRED if k not in cfg]
+        missing = [k for k in REQUIRED_KEYS if k not in cfg]
         if missing:
             raise ValueError(f"config.json of {archs[0]} lacks {', '.join(map(repr, missing))}; "
-                             f"freight needs {', '.join(_REQUIRED)} to build the model")
+                             f"freight needs {', '.join(REQUIRED_KEYS)} to build the model")
         num_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         rope = cfg.get("rope_parameters") or {}

@@ -128,7 +128,16 @@ def iterate_weights(model_dir: Path) -> Iterator[tuple[str, _LazyTensor]]:
                 yield name, _LazyTensor(st, name)
 
 
-def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               model_impl: str = "auto") -> nn.Module:
+    """model_impl: "freight" (freight's own class), "transformers" (the Transformers backend) or "auto"
+    (the own class when freight has one for the architecture, else the Transformers backend)."""
+    from freight.models.transformers_backend import load_transformers_model, resolve_model_impl
+    impl = resolve_model_impl(cfg.architecture, model_impl)
+    logger.info("model implementation for %s: %s", cfg.architecture,
+                "freight (native)" if impl == "freight" else "Transformers backend")
+    if impl == "transformers":
+        return load_transformers_model(model_dir, cfg, dtype, device)
     cls = resolve_model_class(cfg.architecture)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -52,3 +52,24 @@ class RequestOutput:
         return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
                 f"prompt_token_ids={self.prompt_token_ids}, outputs={self.outputs}, "
                 f"finished={self.finished})")
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """A pooling request's result, shaped like vLLM's (LLM.embed returns these)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    prompt: Optional[str] = None
+    metrics: Optional[RequestMetrics] = None

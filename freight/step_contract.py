@@ -19,6 +19,7 @@ from typing import Optional, Union
 import msgspec
 import numpy as np
 
+from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams
 
 
@@ -34,6 +35,9 @@ class NewRequestData(msgspec.Struct, omit_defaults=True):
     # A fork (a sibling sequence of an n > 1 request): it holds the parent's computed prompt and
     # blocks, is scheduled for 0 tokens, and draws its first token from the parent's last row.
     parent_req_id: Optional[str] = None
+    # A pooling (embedding) request: prefill only; the step that completes its prompt returns the
+    # pooled vector (ModelRunnerOutput.pooler_output) instead of sampling. pooling_type is resolved.
+    pooling_params: Optional[PoolingParams] = None
 
 
 class CachedRequestData(msgspec.Struct, omit_defaults=True):
@@ -101,6 +105,9 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     prompt_logprobs: dict[str, LogprobsLists] = {}  # this step's prompt positions, per request
     # Requests whose preparation or sampling failed (req id -> why); the rest of the step is unaffected.
     failed: dict[str, str] = {}
+    # Pooling requests whose prompt completed this step: req id -> the pooled (and, as asked,
+    # truncated and normalised) vector.
+    pooler_output: dict[str, list[float]] = {}
 
 
 StepMessage = Union[SchedulerOutput, GrammarOutput, ModelRunnerOutput]

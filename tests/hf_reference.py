@@ -151,3 +151,36 @@ def degeneracy(tokens: Sequence[int]) -> tuple[int, int]:
         prev = t
         longest = max(longest, run)
     return len(set(tokens)), longest
+
+
+# -- shared by the per-architecture parity tests ------------------------------------------
+_GREEDY_CACHE: dict = {}
+
+
+def cached_greedy(model_dir, prompt_ids: Sequence[int], n: int) -> Reference:
+    """hf_greedy, computed once per (model, prompt, n) in a test session."""
+    key = (str(model_dir), tuple(prompt_ids), n)
+    if key not in _GREEDY_CACHE:
+        _GREEDY_CACHE[key] = hf_greedy(model_dir, list(prompt_ids), n)
+    return _GREEDY_CACHE[key]
+
+
+def greedy_params(n: int):
+    from freight import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def run_greedy(llm, prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+    """freight's greedy tokens for each prompt (token ids), in order."""
+    outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], greedy_params(n), use_tqdm=False)
+    assert [list(o.prompt_token_ids) for o in outs] == [list(p) for p in prompts]
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def assert_matches_hf(model_dir, prompts, got, n: int, label: str) -> None:
+    """Every output equals transformers' greedy; the message names near-ties as such."""
+    problems = [describe_divergence(cached_greedy(model_dir, p, n), g, f"{label} prompt#{i} (len {len(p)})")
+                for i, (p, g) in enumerate(zip(prompts, got))]
+    problems = [m for m in problems if m]
+    assert not problems, f"{len(problems)}/{len(prompts)} outputs differ from HF:\n" + "\n".join(problems)

@@ -17,7 +17,8 @@ import random
 import pytest
 import torch
 
-from hf_reference import Reference, assert_same_tokens, describe_divergence, hf_greedy
+from hf_reference import assert_matches_hf as check, assert_same_tokens
+from hf_reference import cached_greedy as ref, greedy_params as greedy, run_greedy as run
 from model_factory import BOS_ID, EOS_ID, PAD_ID, _perturb, kv_bytes_per_block, make_tokenizer
 
 pytestmark = pytest.mark.timeout(300)
@@ -81,38 +82,9 @@ def phi3_model(tmp_path_factory):
     return get
 
 
-_REFS: dict = {}
-
-
-def ref(model_dir, prompt, n: int) -> Reference:
-    key = (str(model_dir), tuple(prompt), n)
-    if key not in _REFS:
-        _REFS[key] = hf_greedy(model_dir, list(prompt), n)
-    return _REFS[key]
-
-
 def ids(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [BOS_ID] + [rng.randrange(3, VOCAB) for _ in range(n - 1)]
-
-
-def greedy(n: int):
-    from freight import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-
-
-def run(llm, prompts, n: int):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(n), use_tqdm=False)
-    assert [list(o.prompt_token_ids) for o in outs] == [list(p) for p in prompts]
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
-def check(model_dir, prompts, got, n: int, label: str) -> None:
-    problems = [describe_divergence(ref(model_dir, p, n), g, f"{label} prompt#{i} (len {len(p)})")
-                for i, (p, g) in enumerate(zip(prompts, got))]
-    problems = [m for m in problems if m]
-    assert not problems, f"{len(problems)}/{len(prompts)} outputs differ from HF:\n" + "\n".join(problems)
 
 
 N = 24

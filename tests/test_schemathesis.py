@@ -37,6 +37,7 @@ OPERATIONS = {
     ("GET", "/health"): False, ("GET", "/ping"): False, ("POST", "/ping"): False, ("GET", "/version"): False,
     ("GET", "/metrics"): False, ("GET", "/v1/models"): False, ("POST", "/tokenize"): True,
     ("POST", "/detokenize"): True, ("POST", "/v1/completions"): True, ("POST", "/v1/chat/completions"): True,
+    ("POST", "/v1/embeddings"): True,
 }
 USER = [{"role": "user", "content": "Once upon a time"}]
 # valid-core: (fields set, fields removed) choices per operation.
@@ -45,6 +46,7 @@ CORES = {
     "/v1/chat/completions": [({"messages": USER}, ("model",))],
     "/tokenize": [({"prompt": "Once upon a time"}, ("model", "messages")), ({"messages": USER}, ("model", "prompt"))],
     "/detokenize": [({"tokens": [1, 400, 30]}, ("model",))],
+    "/v1/embeddings": [({"input": "Once upon a time"}, ("model", "dimensions")), ({"input": [1, 400, 30]}, ("model",))],
 }
 ERROR_KEYS = {"message", "type", "param", "code"}
 

@@ -38,6 +38,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=None,
                    help="where tensor-parallel ranks run: mp (processes on this host, the default) or ray "
                         "(actors on the Ray cluster of RAY_ADDRESS or a local one; pip install 'freight[ray]')")
+    g.add_argument("--model-impl", choices=["auto", "freight", "transformers"], default="auto",
+                   help="freight's own model classes, the Transformers backend (any causal LM transformers "
+                        "implements, on freight's paged KV cache), or auto: freight's class when there is one")
     g.add_argument("--data-parallel-size", "-dp", type=positive_int, default=1, metavar="N",
                    help="engine-core processes, each with the whole model and its own KV cache (the CPUs are "
                         "split between them); requests go to the least loaded")
@@ -64,4 +67,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         served_model_name=getattr(args, "served_model_name", None), num_threads=args.num_threads,
         structured_outputs_config=args.structured_outputs_config,
         tensor_parallel_size=args.tensor_parallel_size,
-        distributed_executor_backend=args.distributed_executor_backend)
+        distributed_executor_backend=args.distributed_executor_backend,
+        model_impl=getattr(args, "model_impl", "auto"))

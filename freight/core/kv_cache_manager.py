@@ -64,6 +64,11 @@ class KVCacheManager:
         """
         if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0  # prompt logprobs need every prompt position computed
+        pooling = request.pooling_params
+        if pooling is not None and pooling.pooling_type == "MEAN":
+            # Mean pooling needs the hidden state of every prompt position, and a cache hit skips
+            # computing them: such requests take no prefix-cache hits (they still fill the cache).
+            return [], 0
         hashes = self._update_hashes(request)
         max_hits = (request.num_tokens - 1) // self.block_size
         blocks = []

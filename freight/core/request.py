@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Request:
     # Its grammar and matcher when the output is constrained (structured outputs).
     structured: Optional["StructuredOutputRequest"] = None
     error: Optional[str] = None        # why it ended with FINISHED_ERROR
+    pooling_params: Optional[PoolingParams] = None  # a pooling request: prefill only, no tokens sampled
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -217,7 +217,7 @@ class Scheduler:
         if known is None:
             out.scheduled_new_reqs.append(NewRequestData(
                 rid, req.prompt_token_ids, req.sampling_params, sorted(req.eos_token_ids), block_ids,
-                req.num_computed_tokens))
+                req.num_computed_tokens, pooling_params=req.pooling_params))
         else:
             # After a preemption (a fresh table) or a copy on write the whole table goes again.
             reset = rewritten or known < 0
@@ -273,6 +273,14 @@ class Scheduler:
                 req.error = error
                 self._free(req, RequestStatus.FINISHED_ERROR)
                 updated.append((req, 0))
+        for rid in result.pooler_output:
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue
+            # As in vLLM, a pooling request stops ("stop") as soon as its vector is out.
+            self.running.remove(req)
+            self._free(req, RequestStatus.FINISHED_STOPPED)
+            updated.append((req, 0))
         for rid, tokens in zip(result.req_ids, result.sampled_token_ids):
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING:

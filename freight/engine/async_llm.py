@@ -39,6 +39,7 @@ from freight.engine.serving_log import StatsLogger, log_finished
 from freight.model_config import ModelConfig
 from freight.model_loader import resolve_model_dir
 from freight.outputs import RequestOutput
+from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams
 from freight.tokenizer import eos_token_ids, load_tokenizer
 
@@ -95,7 +96,8 @@ class AsyncLLM:
             raise
         self.max_model_len = self.client.max_model_len
         self.processor = InputProcessor(config, self.tokenizer, model_config.vocab_size,
-                                        eos_token_ids(self.model_dir, self.tokenizer), self.max_model_len)
+                                        eos_token_ids(self.model_dir, self.tokenizer), self.max_model_len,
+                                        model_dir=self.model_dir)
         self.output_processor = OutputProcessor(detokenizer)
 
         self._lock = threading.Lock()
@@ -122,6 +124,18 @@ class AsyncLLM:
     def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.processor.validate_request(prompt_ids, params)
 
+    def _check_admission(self, request_id: str, seq_ids: list[str]) -> None:
+        """Raise if a new request cannot be taken now (called under the lock)."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine has stopped: {self._dead}")
+        if self._stopping:
+            raise EngineShutdownError("the server is shutting down")
+        if request_id in self._router or self.output_processor.in_use(seq_ids):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if self.max_waiting is not None and self._router.num_waiting() >= self.max_waiting:
+            raise EngineOverloadedError(f"the server is overloaded: {self.max_waiting} requests are already "
+                                        "waiting; retry later")
+
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                     arrival_time: Optional[float] = None) -> RequestStream:
         """Validate and queue a request; raises PromptError/ValueError (bad input), EngineOverloadedError,
@@ -130,21 +144,35 @@ class AsyncLLM:
         self.validate_request(ids, params)  # here, so bad input fails the caller, not the engine
         stream = RequestStream(request_id, self, asyncio.get_running_loop(), len(ids))
         with self._lock:
-            if self._dead is not None:
-                raise EngineDeadError(f"the engine has stopped: {self._dead}")
-            if self._stopping:
-                raise EngineShutdownError("the server is shutting down")
-            if request_id in self._router or self.output_processor.in_use(sequence_ids(request_id, params)):
-                raise ValueError(f"request id {request_id!r} is already in use")
-            if self.max_waiting is not None and self._router.num_waiting() >= self.max_waiting:
-                raise EngineOverloadedError(f"the server is overloaded: {self.max_waiting} requests are already "
-                                            "waiting; retry later")
+            self._check_admission(request_id, sequence_ids(request_id, params))
             req = self.processor.make_request(request_id, ids, params, arrival_time)
             self.output_processor.add_request(request_id, [req.request_id, *req.fork_ids], text, ids, params,
                                               req.arrival_time)
             self._streams[request_id] = stream
             self.client.add_request(req, self._router.assign(request_id))
         return stream
+
+    def add_pooling_request(self, request_id: str, prompt: PromptInput, params: PoolingParams,
+                            arrival_time: Optional[float] = None) -> RequestStream:
+        """Queue an embedding request (params resolved: processor.resolve_pooling_params); its stream
+        yields one EmbeddingRequestOutput. Raises as add_request does."""
+        text, ids = self.tokenize_prompt(prompt)
+        req = self.processor.make_pooling_request(request_id, ids, params, arrival_time)
+        stream = RequestStream(request_id, self, asyncio.get_running_loop(), len(ids))
+        with self._lock:
+            self._check_admission(request_id, [request_id])
+            self.output_processor.add_pooling_request(request_id, text, ids, req.arrival_time)
+            self._streams[request_id] = stream
+            self.client.add_request(req, self._router.assign(request_id))
+        return stream
+
+    async def encode(self, prompt: PromptInput, params: PoolingParams, request_id: str):
+        """The request's EmbeddingRequestOutput (vLLM's name); cancelling aborts the request."""
+        stream = self.add_pooling_request(request_id, prompt, params)
+        try:
+            return await stream.get()
+        finally:
+            stream.abort()
 
     async def generate(self, prompt: PromptInput, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -271,6 +299,8 @@ class AsyncLLM:
 
     def _observe(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
+            if not isinstance(out, RequestOutput):
+                continue  # embeddings: no tokens to count
             for observe in self.output_observers:
                 try:
                     observe(out)

@@ -91,7 +91,8 @@ class EngineCore:
         params = req.sampling_params
         eos = frozenset(req.eos_token_ids)
         seqs = [Request(request_id=sid, prompt_token_ids=req.prompt_token_ids, sampling_params=params.for_sample(i),
-                        max_tokens=req.max_tokens, eos_token_ids=eos, arrival_time=req.arrival_time)
+                        max_tokens=req.max_tokens, eos_token_ids=eos, arrival_time=req.arrival_time,
+                        pooling_params=req.pooling_params)
                 for i, sid in enumerate([req.request_id, *req.fork_ids])]
         if params.structured_outputs is not None:
             grammar = self.structured_outputs(req.eos_token_ids).request(params.structured_outputs)
@@ -151,7 +152,8 @@ class EngineCore:
                 req.request_id, tokens[:n], lps[:n], runner_out.logprobs.get(req.request_id),
                 runner_out.prompt_logprobs.get(req.request_id),
                 req.status.value if req.status.finished else None, req.stop_reason,
-                max(req.num_cached_tokens, 0), req.first_scheduled_time, req.error))
+                max(req.num_cached_tokens, 0), req.first_scheduled_time, req.error,
+                runner_out.pooler_output.get(req.request_id)))
         seen = {r.request_id for r, _ in updated}
         for rid, lps in runner_out.prompt_logprobs.items():  # prompt chunks that sampled nothing yet
             if rid not in seen:

@@ -21,6 +21,7 @@ from freight.engine.processor import InputProcessor, PromptError, PromptType, se
 from freight.model_config import ModelConfig
 from freight.model_loader import resolve_model_dir
 from freight.outputs import RequestOutput
+from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams
 from freight.tokenizer import eos_token_ids, load_tokenizer
 
@@ -44,7 +45,7 @@ class LLMEngine:
         self.client.wait_ready()
         self.max_model_len = self.client.max_model_len
         self.processor = InputProcessor(config, self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
-                                        self.max_model_len)
+                                        self.max_model_len, model_dir=self.model_dir)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._router = EngineRouter(data_parallel_size)
         if not isinstance(self.client, InprocCoreClient):  # stop the core processes with this engine
@@ -82,6 +83,17 @@ class LLMEngine:
         self.client.add_request(req, self._router.assign(request_id))
         self.output_processor.add_request(request_id, [req.request_id, *req.fork_ids], text, ids, params,
                                           req.arrival_time)
+
+    def add_pooling_request(self, request_id: str, prompt: PromptType, params: Optional[PoolingParams] = None,
+                            arrival_time: Optional[float] = None) -> None:
+        """Queue an embedding request (prefill only); its one output is an EmbeddingRequestOutput."""
+        if self.output_processor.in_use([request_id]):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        req = self.processor.make_pooling_request(request_id, ids, self.processor.resolve_pooling_params(params),
+                                                  arrival_time)
+        self.client.add_request(req, self._router.assign(request_id))
+        self.output_processor.add_pooling_request(request_id, text, ids, req.arrival_time)
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> list[RequestOutput]:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

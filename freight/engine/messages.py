@@ -13,6 +13,7 @@ from typing import Optional, Union
 import msgspec
 
 from freight.core.stats import SchedulerStats
+from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams
 from freight.step_contract import LogprobsLists
 
@@ -27,6 +28,8 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     # n > 1: the ids of sequences 1..n-1, forked from this one once its prompt is computed
     # (sequence i samples with params.for_sample(i)).
     fork_ids: list[str] = []
+    # A pooling (embedding) request: prefill only (max_tokens 0), answered with its pooled vector.
+    pooling_params: Optional[PoolingParams] = None
 
 
 class EngineCoreOutput(msgspec.Struct, omit_defaults=True, array_like=True):
@@ -42,6 +45,7 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True, array_like=True):
     num_cached_tokens: int = 0
     first_scheduled_time: Optional[float] = None          # time.monotonic(), the same clock in every process
     error: Optional[str] = None                           # why, with finish_reason "error"
+    pooling_output: Optional[list[float]] = None          # a pooling request's vector (its final output)
 
 
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True, tag=True):

@@ -15,7 +15,8 @@ from typing import Optional
 
 from freight.engine.detokenizer import IncrementalDetokenizer
 from freight.engine.messages import EngineCoreOutput
-from freight.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from freight.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestMetrics,
+                             RequestOutput)
 from freight.sampling_params import SamplingParams
 
 Logprobs = dict[int, float]  # token id -> logprob: the chosen token first, then the top-k
@@ -72,6 +73,21 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.states: dict[str, _RequestState] = {}
         self.seq_owner: dict[str, str] = {}  # sequence id -> request id
+        # Pooling (embedding) requests: one sequence, no text; one output, at the end.
+        self.pooling: dict[str, tuple[Optional[str], list[int], RequestMetrics]] = {}
+
+    def add_pooling_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                            arrival_time: float) -> None:
+        self.pooling[request_id] = (prompt, prompt_token_ids, RequestMetrics(arrival_time=arrival_time))
+        self.seq_owner[request_id] = request_id
+
+    def _pooling_output(self, request_id: str, embedding: Optional[list[float]], now: float,
+                        first_scheduled_time: Optional[float] = None) -> EmbeddingRequestOutput:
+        prompt, ids, metrics = self.pooling.pop(request_id)
+        self.seq_owner.pop(request_id, None)
+        metrics.first_scheduled_time = first_scheduled_time
+        metrics.first_token_time = metrics.last_token_time = metrics.finished_time = now
+        return EmbeddingRequestOutput(request_id, EmbeddingOutput(list(embedding or [])), ids, True, prompt, metrics)
 
     def add_request(self, request_id: str, seq_ids: list[str], prompt: Optional[str], prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float) -> None:
@@ -85,11 +101,13 @@ class OutputProcessor:
             self.seq_owner[sid] = request_id
 
     def sequence_ids(self, request_id: str) -> list[str]:
+        if request_id in self.pooling:
+            return [request_id]
         st = self.states.get(request_id)
         return list(st.seqs) if st else []
 
     def in_use(self, ids: list[str]) -> bool:
-        return any(i in self.states or i in self.seq_owner for i in ids)
+        return any(i in self.states or i in self.seq_owner or i in self.pooling for i in ids)
 
     def owner(self, seq_id: str) -> Optional[str]:
         return self.seq_owner.get(seq_id)
@@ -99,10 +117,15 @@ class OutputProcessor:
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
         stopped: list[str] = []
+        pooled: list[EmbeddingRequestOutput] = []
         for o in core_outputs:
             rid = self.seq_owner.get(o.request_id)
             if rid is None:
                 continue  # aborted here while the core was still running it
+            if rid in self.pooling:
+                if o.finish_reason is not None:
+                    pooled.append(self._pooling_output(rid, o.pooling_output, now, o.first_scheduled_time))
+                continue
             st = touched[rid] = self.states[rid]
             if o.new_prompt_logprobs is not None:
                 st.prompt_logprobs.extend(o.new_prompt_logprobs.to_dicts())
@@ -113,7 +136,7 @@ class OutputProcessor:
                     stopped.append(o.request_id)
             if o.finish_reason is not None and seq.finish_reason is None:
                 seq.finish_reason, seq.stop_reason = o.finish_reason, o.stop_reason
-        return self._outputs(touched, now), stopped
+        return self._outputs(touched, now) + pooled, stopped
 
     def _add_tokens(self, st: _RequestState, seq: _SequenceState, o: EngineCoreOutput, now: float) -> int:
         """Append a step's tokens and their text; returns how many characters the text grew by."""
@@ -138,6 +161,10 @@ class OutputProcessor:
 
     def finish(self, request_id: str, reason: str = "abort") -> Optional[RequestOutput]:
         """End a request here (an abort, or an engine failure): its final output, None if unknown."""
+        if request_id in self.pooling:
+            self.pooling.pop(request_id)
+            self.seq_owner.pop(request_id, None)
+            return None
         st = self.states.get(request_id)
         if st is None:
             return None

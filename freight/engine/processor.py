@@ -12,6 +12,8 @@ from typing import Optional, Union
 
 from freight.config import EngineConfig
 from freight.engine.messages import EngineCoreRequest
+from freight.pooling import PoolerConfig, load_pooler_config, resolve_pooling_params
+from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams, SamplingParamsError
 from freight.structured_output import GrammarSpecError, choose_backend, with_defaults
 
@@ -30,8 +32,10 @@ def sequence_ids(request_id: str, params: SamplingParams) -> list[str]:
 
 class InputProcessor:
     def __init__(self, config: EngineConfig, tokenizer, vocab_size: int, eos_token_ids: frozenset[int],
-                 max_model_len: int):
+                 max_model_len: int, model_dir=None):
         self.config = config
+        self.model_dir = model_dir
+        self._pooler: Optional[PoolerConfig] = None
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
@@ -103,3 +107,26 @@ class InputProcessor:
             eos_token_ids=self.eos_token_ids,
             max_tokens=params.max_tokens if params.max_tokens is not None else self.max_model_len,
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(), fork_ids=seq_ids[1:])
+
+    @property
+    def pooler_config(self) -> PoolerConfig:
+        """How this model pools embeddings (read from its directory on first use)."""
+        if self._pooler is None:
+            self._pooler = load_pooler_config(self.model_dir) if self.model_dir is not None else PoolerConfig()
+        return self._pooler
+
+    def resolve_pooling_params(self, params: Optional[PoolingParams]) -> PoolingParams:
+        """params with the model's pooling filled in; PoolingParamsError (a ValueError) for bad ones."""
+        try:
+            return resolve_pooling_params(params, self.pooler_config)
+        except ValueError as e:
+            raise SamplingParamsError(str(e), "dimensions") from None
+
+    def make_pooling_request(self, request_id: str, prompt_ids: list[int], params: PoolingParams,
+                             arrival_time: Optional[float] = None) -> EngineCoreRequest:
+        """The core's request for an embedding of a validated prompt (params resolved): prefill only."""
+        self._validate_prompt(prompt_ids)
+        return EngineCoreRequest(
+            request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=SamplingParams(max_tokens=1),
+            eos_token_ids=self.eos_token_ids, max_tokens=0,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(), pooling_params=params)

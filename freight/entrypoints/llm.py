@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from freight.config import EngineConfig
 from freight.engine.llm_engine import LLMEngine, PromptType
-from freight.outputs import RequestOutput
+from freight.outputs import EmbeddingRequestOutput, RequestOutput
+from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class LLM:
                  enable_chunked_prefill: bool = True, device: str = "auto", revision: Optional[str] = None,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  structured_outputs_config: Optional[dict] = None,
-                 distributed_executor_backend: Optional[str] = None, **kwargs: Any):
+                 distributed_executor_backend: Optional[str] = None, model_impl: str = "auto", **kwargs: Any):
         unknown = set(kwargs) - _IGNORED_VLLM_ARGS
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
@@ -46,7 +47,8 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             trust_remote_code=trust_remote_code, structured_outputs_config=structured_outputs_config,
-            tensor_parallel_size=tensor_parallel_size, distributed_executor_backend=distributed_executor_backend)
+            tensor_parallel_size=tensor_parallel_size, distributed_executor_backend=distributed_executor_backend,
+            model_impl=model_impl)
         # tensor_parallel_size > 1: the model split over that many ranks (processes, or Ray actors with
         # distributed_executor_backend="ray"), the engine core in its own process as rank 0.
         # data_parallel_size > 1: that many engine-core processes, each with the whole model and its own
@@ -82,6 +84,37 @@ class LLM:
             self.llm_engine.add_request(rid, {"prompt": text, "prompt_token_ids": prompt_ids}, sp)
             ids.append(rid)
         return self._run(ids, use_tqdm)
+
+    def embed(self, prompts: Union[PromptType, Sequence[PromptType]],
+              pooling_params: Union[PoolingParams, Sequence[PoolingParams], None] = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """Embeddings of the prompts (the model's pooling over its final hidden states), as in vLLM."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params] * len(prompts)
+        else:
+            params = list(pooling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} pooling params for {len(prompts)} prompts")
+        engine = self.llm_engine
+        # Tokenize and validate every request before queueing any, so one bad request leaves nothing behind.
+        tokenized = [engine.tokenize_prompt(p) for p in prompts]
+        resolved = [engine.processor.resolve_pooling_params(p) for p in params]
+        for _, prompt_ids in tokenized:
+            engine.processor._validate_prompt(prompt_ids)
+        ids = []
+        for (text, prompt_ids), pp in zip(tokenized, resolved):
+            rid = str(next(self._counter))
+            engine.add_pooling_request(rid, {"prompt": text, "prompt_token_ids": prompt_ids}, pp)
+            ids.append(rid)
+        outs = self._run(ids, use_tqdm)
+        failed = [o.request_id for o in outs if not o.outputs.embedding]
+        if failed:
+            raise RuntimeError(f"embedding requests {failed} failed in the engine (see the log)")
+        return outs
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -195,7 +195,10 @@ class Gemma2ForCausalLM(nn.Module):
         rope_local = self.rotary_local.for_positions(positions, x.dtype) if self.rotary_local else rope_global
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, rope_local if layer.self_attn.sliding else rope_global, kv, meta)
-        logits = self.lm_head(self.norm(x[logits_indices]))
+        return self.norm(x[logits_indices])  # final-normed hidden rows; compute_logits makes their logits
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
         if self.final_softcap is not None:
             cap = self.final_softcap
             logits = torch.tanh(logits / cap) * cap

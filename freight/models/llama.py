@@ -76,12 +76,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool):
+    """Pre-norm decoder layer around any attention and MLP (dense, mixture of experts, Phi-3's fused)."""
+
+    def __init__(self, cfg: ModelConfig, self_attn: nn.Module, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx, qkv_bias, qk_norm)
+        self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp
 
     def forward(self, x, residual: Optional[torch.Tensor], rope: RotaryStep, kv_cache, meta):
         """Returns (this layer's output, the residual stream before it); the next norm adds them."""
@@ -111,7 +113,8 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         qkv_bias = cfg.attention_bias if self.qkv_bias is None else self.qkv_bias
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, qkv_bias, self.qk_norm) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, Attention(cfg, i, qkv_bias, self.qk_norm), MLP(cfg))
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
         self.tie_weights()
@@ -131,14 +134,17 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                 logits_indices: torch.Tensor) -> torch.Tensor:
-        """Hidden states for the flat batch, logits only for the rows in logits_indices."""
+        """The final-normed hidden states of the rows in logits_indices (compute_logits makes their logits)."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.for_positions(positions, x.dtype)
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rope, kv, meta)
         x, _ = self.norm(x[logits_indices], residual[logits_indices])
-        return self.lm_head(x)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

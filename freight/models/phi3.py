@@ -43,6 +43,7 @@ from freight.layers.parallel_linear import (CheckpointTensor, ColumnParallelLine
                                             RowParallelLinear, VocabParallelEmbedding, _copy)
 from freight.layers.rotary import RotaryEmbedding, RotaryStep, rope_type_of
 from freight.model_config import ModelConfig
+from freight.models.llama import DecoderLayer
 
 
 class FusedColumnParallelLinear(ColumnParallelLinear):
@@ -139,24 +140,6 @@ class Phi3MLP(nn.Module):
         return self.down_proj(h)
 
 
-class Phi3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary_dim: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Phi3Attention(cfg, layer_idx, rotary_dim)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Phi3MLP(cfg)
-
-    def forward(self, x, residual: Optional[torch.Tensor], rope: RotaryStep, kv_cache, meta):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, rope, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
-
-
 class Phi3ForCausalLM(nn.Module):
     stacked_params: dict = {}  # the checkpoint's qkv_proj / gate_up_proj are already fused
 
@@ -168,7 +151,8 @@ class Phi3ForCausalLM(nn.Module):
         rotary_dim, scaling = _rope_config(cfg)
         self.original_max_positions = (scaling or {}).get("original_max_position_embeddings")
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Phi3DecoderLayer(cfg, i, rotary_dim) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, Phi3Attention(cfg, i, rotary_dim), Phi3MLP(cfg))
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
         self.tie_weights()
@@ -205,4 +189,7 @@ class Phi3ForCausalLM(nn.Module):
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rope, kv, meta)
         x, _ = self.norm(x[logits_indices], residual[logits_indices])
-        return self.lm_head(x)
+        return x  # final-normed hidden rows; compute_logits makes their logits
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -14,7 +14,7 @@ handle all decodes in one batched call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Optional
 
@@ -83,7 +83,7 @@ class InputBatch:
             generator.manual_seed(params.seed)
         state = CachedRequestState(new.req_id, new.prompt_token_ids, params, frozenset(new.eos_token_ids),
                                    list(new.block_ids), new.num_computed_tokens, generator,
-                                   fork_of=new.parent_req_id)
+                                   fork_of=new.parent_req_id, pooling_params=new.pooling_params)
         if new.parent_req_id is not None:  # its prompt's logprobs went with the parent
             state.num_prompt_logprobs_done = len(new.prompt_token_ids)
         if params.uses_penalties:
@@ -159,6 +159,14 @@ class PromptRows:
 
 
 @dataclass
+class PoolingRows:
+    state: CachedRequestState
+    first_position: int   # prompt position of the first row
+    count: int            # rows (consecutive in the hidden rows, after the logit rows)
+    final: bool           # this step completes the prompt: the vector goes out
+
+
+@dataclass
 class ModelInput:
     input_ids: torch.Tensor       # [T]
     positions: torch.Tensor       # [T]
@@ -166,6 +174,10 @@ class ModelInput:
     logits_indices: torch.Tensor  # rows whose logits are needed: first the sampled rows, then prompt rows
     sampling: list[CachedRequestState]  # the request each sampled row is for (forks repeat their parent's row)
     prompt_rows: list[PromptRows]  # requests that want prompt logprobs, and where their rows are
+    # Pooling requests' hidden rows, after every logit row (logits_indices[num_logit_rows:]):
+    # the last prompt row (last-token pooling) or all of this chunk's rows (mean pooling).
+    pooling_rows: list[PoolingRows] = field(default_factory=list)
+    num_logit_rows: int = -1      # -1: every row of logits_indices
 
 
 def build_model_input(batch: InputBatch, out: SchedulerOutput, block_size: int,
@@ -215,7 +227,7 @@ def build_model_input(batch: InputBatch, out: SchedulerOutput, block_size: int,
     # A row samples when this step reaches its request's last token; forks take their parent's row.
     sampling, logit_rows, last_row = [], [], {}
     for i, s in enumerate(sched):
-        if c[i] + n[i] == s.num_tokens:
+        if c[i] + n[i] == s.num_tokens and s.pooling_params is None:
             last_row[s.req_id] = int(ends[i]) - 1
             sampling.append(s)
             logit_rows.append(last_row[s.req_id])
@@ -236,6 +248,21 @@ def build_model_input(batch: InputBatch, out: SchedulerOutput, block_size: int,
             row0 = int(starts[i]) + first - int(c[i])
             logit_rows.extend(range(row0, row0 + last - first))
             s.num_prompt_logprobs_done = last
+    num_logit_rows = len(logit_rows)
+    pooling_rows = []
+    for i, s in enumerate(sched):
+        if s.pooling_params is None:
+            continue
+        final = bool(c[i] + n[i] == s.num_tokens)
+        if s.pooling_params.pooling_type == "MEAN":
+            first, count = int(c[i]), int(n[i])
+        elif final:
+            first, count = s.num_tokens - 1, 1
+        else:
+            continue
+        row0 = int(starts[i]) + first - int(c[i])
+        pooling_rows.append(PoolingRows(s, first, count, final))
+        logit_rows.extend(range(row0, row0 + count))
     return ModelInput(
         input_ids=to_t(ids),
         positions=to_t(positions),
@@ -245,4 +272,6 @@ def build_model_input(batch: InputBatch, out: SchedulerOutput, block_size: int,
         logits_indices=to_t(np.asarray(logit_rows, dtype=np.int64)),
         sampling=sampling,
         prompt_rows=prompt_rows,
+        pooling_rows=pooling_rows,
+        num_logit_rows=num_logit_rows,
     )

@@ -67,6 +67,7 @@ class ModelRunner:
         self.sampler = Sampler(seed, device)
         self.batch = InputBatch(max_num_seqs, -(-max_model_len // block_size), cfg.vocab_size, device)
         self._pending: Optional[tuple[Optional[torch.Tensor], Optional[ModelInput]]] = None
+        self._pooled: dict[str, list[float]] = {}  # this step's finished pooling vectors
 
     # -- the step -----------------------------------------------------------------
     def _zero_new_blocks(self, max_block_id: int) -> None:
@@ -99,8 +100,42 @@ class ModelRunner:
         if out.block_copies:
             self._copy_blocks(out.block_copies)
         inp = build_model_input(self.batch, out, self.block_size, self.device)
-        logits = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn, inp.logits_indices)
+        # The model gives the final-normed hidden rows of logits_indices; the head runs on the logit rows
+        # only (a pooling request's rows come after them and never reach it).
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn, inp.logits_indices)
+        k = inp.num_logit_rows if inp.pooling_rows else hidden.shape[0]
+        logits = self.model.compute_logits(hidden[:k]) if k else None
+        if inp.pooling_rows:
+            self._pool(hidden[k:], inp)
         self._pending = (logits, inp)
+
+    def _pool(self, hidden: torch.Tensor, inp: ModelInput) -> None:
+        """Accumulate (mean) or take (last token) each pooling request's rows; final vectors wait in
+        self._pooled for sample_tokens."""
+        row = 0
+        for pr in inp.pooling_rows:
+            s = pr.state
+            part = hidden[row:row + pr.count].float()
+            row += pr.count
+            if s.error is not None:
+                continue
+            if s.pooling_params.pooling_type == "MEAN":
+                if pr.first_position == 0:  # (re)started from the first token, e.g. after a preemption
+                    s.pool_sum, s.pool_count = None, 0
+                total = part.sum(dim=0)
+                s.pool_sum = total if s.pool_sum is None else s.pool_sum + total
+                s.pool_count += pr.count
+                if not pr.final:
+                    continue
+                vec = s.pool_sum / s.pool_count
+            else:
+                vec = part[-1]
+            p = s.pooling_params
+            if p.dimensions is not None:
+                vec = vec[:p.dimensions]
+            if p.normalize:
+                vec = torch.nn.functional.normalize(vec, p=2, dim=-1)
+            self._pooled[s.req_id] = vec.tolist()
 
     @torch.inference_mode()
     def sample_tokens(self, grammar: Optional[GrammarOutput] = None) -> ModelRunnerOutput:
@@ -108,6 +143,8 @@ class ModelRunner:
             raise RuntimeError("sample_tokens without a preceding execute_model")
         (logits, inp), self._pending = self._pending, None
         result = ModelRunnerOutput()
+        if self._pooled:
+            result.pooler_output, self._pooled = self._pooled, {}
         if inp is None:
             return result
         n = len(inp.sampling)

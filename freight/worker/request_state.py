@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams
 from freight.worker.sampling_tensors import TokenCounts
 
@@ -33,6 +34,11 @@ class CachedRequestState:
     # Set when preparing or sampling this request failed: its tokens still run through the forward
     # (so the KV blocks it shares stay valid), but it samples nothing and the step reports it failed.
     error: Optional[str] = None
+    # A pooling request (prefill only): with mean pooling, the sum of its prompt rows' hidden
+    # states over the chunks computed so far (fp32), and how many rows it holds.
+    pooling_params: Optional[PoolingParams] = None
+    pool_sum: Optional[torch.Tensor] = None
+    pool_count: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -45,7 +45,7 @@ class Worker:
         if distributed is not None:
             init_tensor_parallel(rank, distributed)
         t0 = time.perf_counter()
-        self.model = load_model(model_dir, model_config, self.dtype, self.device)
+        self.model = load_model(model_dir, model_config, self.dtype, self.device, config.model_impl)
         logger.info("loaded %s (%s, %s%s) in %.2fs: %.1f MiB of weights", model_dir, self.dtype, self.device,
                     f", rank {rank} of {self.tp_size}" if self.tp_size > 1 else "", time.perf_counter() - t0,
                     self.weight_bytes() / 2**20)

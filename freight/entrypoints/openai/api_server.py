@@ -36,11 +36,12 @@ from freight.config import parse_size
 from freight.entrypoints.openai.errors import APIError, install_error_handlers
 from freight.entrypoints.openai.preprocess import PromptPreparer
 from freight.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                                 DetokenizeResponse, ErrorResponse, ModelList, TokenizeRequest,
-                                                 TokenizeResponse, VersionResponse)
+                                                 DetokenizeResponse, EmbeddingRequest, ErrorResponse, ModelList,
+                                                 TokenizeRequest, TokenizeResponse, VersionResponse)
 from freight.entrypoints.openai.chat_reply import ChatParsers
 from freight.entrypoints.openai.serving_chat import OpenAIServingChat
 from freight.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from freight.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from freight.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
 from freight.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -164,6 +165,7 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     completion = OpenAIServingCompletion(async_llm, names, prep)
     chat = OpenAIServingChat(async_llm, names, prep, parsers=settings.chat_parsers)
     tokenization = OpenAIServingTokenization(async_llm, names, prep)
+    embedding = OpenAIServingEmbedding(async_llm, names, prep)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -216,6 +218,10 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         return await chat.create(request, raw)
+
+    @app.post("/v1/embeddings", responses=_ERROR_RESPONSES)
+    async def embeddings(request: EmbeddingRequest, raw: Request) -> Response:
+        return await embedding.create(request, raw)
 
     _document_errors_as_sent(app)
     return app

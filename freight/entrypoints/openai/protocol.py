@@ -302,3 +302,31 @@ class DetokenizeResponse(_Response):
 
 class VersionResponse(_Response):
     version: str
+
+
+# -- /v1/embeddings ---------------------------------------------------------------------
+class EmbeddingRequest(_Request):
+    model: Optional[str] = None
+    # list[int] before list[str]/str: a list of ints is one tokenized input.
+    input: Union[list[int], list[list[int]], str, list[str]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = None
+    user: Optional[str] = None
+    # vLLM extensions
+    add_special_tokens: bool = True
+    normalize: Optional[bool] = None
+
+
+class EmbeddingData(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingResponse(_Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
