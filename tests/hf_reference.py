@@ -184,3 +184,25 @@ def assert_matches_hf(model_dir, prompts, got, n: int, label: str) -> None:
                 for i, (p, g) in enumerate(zip(prompts, got))]
     problems = [m for m in problems if m]
     assert not problems, f"{len(problems)}/{len(prompts)} outputs differ from HF:\n" + "\n".join(problems)
+
+
+def check_preemption(make_llm, model_dir, prompts, n: int, label: str) -> None:
+    """A KV cache of 6 blocks forces preemption (asserted); every output still equals transformers'."""
+    from model_factory import kv_bytes_per_block
+
+    llm = make_llm(model_dir, kv_cache_memory=6 * kv_bytes_per_block(model_dir, 16), max_model_len=64,
+                   max_num_batched_tokens=32)
+    got = run_greedy(llm, prompts, n)
+    s = llm.llm_engine.get_stats()
+    assert s.num_preemptions > 0, f"expected preemptions with {s.num_total_blocks} blocks, got none"
+    assert_matches_hf(model_dir, prompts, got, n, label)
+
+
+def check_prefix_cache_hit(make_llm, model_dir, prompts, n: int) -> None:
+    """prompts[1] shares a prefix of at least 32 tokens with prompts[0]: it must hit the prefix cache and
+    both outputs still equal transformers'."""
+    llm = make_llm(model_dir, enable_prefix_caching=True)
+    first = run_greedy(llm, prompts[:1], n)
+    outs = llm.generate([{"prompt_token_ids": prompts[1]}], greedy_params(n), use_tqdm=False)
+    assert outs[0].num_cached_tokens >= 32, outs[0].num_cached_tokens
+    assert_matches_hf(model_dir, prompts, first + [list(outs[0].outputs[0].token_ids)], n, "prefix cache")

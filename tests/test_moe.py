@@ -19,9 +19,9 @@ import random
 import pytest
 import torch
 
-from hf_reference import assert_matches_hf as check, assert_same_tokens
-from hf_reference import cached_greedy as ref, greedy_params as greedy, run_greedy as run
-from model_factory import BOS_ID, EOS_ID, PAD_ID, _perturb, kv_bytes_per_block, make_tokenizer
+from hf_reference import assert_matches_hf as check, assert_same_tokens, check_prefix_cache_hit, check_preemption
+from hf_reference import cached_greedy as ref, run_greedy as run
+from model_factory import BOS_ID, EOS_ID, PAD_ID, _perturb, make_tokenizer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -131,22 +131,14 @@ def test_routing_is_exercised(moe_model):
 def test_preemption(make_llm, moe_model):
     d = moe_model("qwen2_moe")
     prompts = PROMPTS + [ids(n, seed=100 + n) for n in (21, 30, 12)]
-    llm = make_llm(d, kv_cache_memory=6 * kv_bytes_per_block(d, 16), max_model_len=64, max_num_batched_tokens=32)
-    got = run(llm, prompts, N)
-    s = llm.llm_engine.get_stats()
-    assert s.num_preemptions > 0, f"expected preemptions with {s.num_total_blocks} blocks, got none"
-    check(d, prompts, got, N, "qwen2_moe preemption")
+    check_preemption(make_llm, d, prompts, N, "qwen2_moe preemption")
 
 
 def test_prefix_cache_hit(make_llm, moe_model):
     d = moe_model("qwen2_moe")
     shared = ids(48, seed=5)
     prompts = [shared + ids(k, seed=k)[1:] for k in (4, 12)]
-    llm = make_llm(d, enable_prefix_caching=True)
-    first = run(llm, prompts[:1], N)
-    outs = llm.generate([{"prompt_token_ids": prompts[1]}], greedy(N), use_tqdm=False)
-    assert outs[0].num_cached_tokens >= 32, outs[0].num_cached_tokens
-    check(d, prompts, first + [list(outs[0].outputs[0].token_ids)], N, "prefix cache")
+    check_prefix_cache_hit(make_llm, d, prompts, N)
 
 
 def test_tp2_equals_tp1_and_hf(make_llm, moe_model):

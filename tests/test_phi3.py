@@ -17,9 +17,9 @@ import random
 import pytest
 import torch
 
-from hf_reference import assert_matches_hf as check, assert_same_tokens
-from hf_reference import cached_greedy as ref, greedy_params as greedy, run_greedy as run
-from model_factory import BOS_ID, EOS_ID, PAD_ID, _perturb, kv_bytes_per_block, make_tokenizer
+from hf_reference import assert_matches_hf as check, assert_same_tokens, check_prefix_cache_hit, check_preemption
+from hf_reference import cached_greedy as ref, run_greedy as run
+from model_factory import BOS_ID, EOS_ID, PAD_ID, _perturb, make_tokenizer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -122,22 +122,14 @@ def test_small_prefill_chunks(make_llm, phi3_model, variant):
 def test_preemption(make_llm, phi3_model):
     d = phi3_model("phi3_longrope")
     prompts = SHORT_PROMPTS + [ids(n, seed=100 + n) for n in (21, 30, 12)]
-    llm = make_llm(d, kv_cache_memory=6 * kv_bytes_per_block(d, 16), max_model_len=64, max_num_batched_tokens=32)
-    got = run(llm, prompts, N)
-    s = llm.llm_engine.get_stats()
-    assert s.num_preemptions > 0, f"expected preemptions with {s.num_total_blocks} blocks, got none"
-    check(d, prompts, got, N, "longrope preemption")
+    check_preemption(make_llm, d, prompts, N, "longrope preemption")
 
 
 def test_prefix_cache_hit(make_llm, phi3_model):
     d = phi3_model("phi3")
     shared = ids(48, seed=5)
     prompts = [shared + ids(k, seed=k)[1:] for k in (4, 12)]
-    llm = make_llm(d, enable_prefix_caching=True)
-    first = run(llm, prompts[:1], N)
-    outs = llm.generate([{"prompt_token_ids": prompts[1]}], greedy(N), use_tqdm=False)
-    assert outs[0].num_cached_tokens >= 32, outs[0].num_cached_tokens
-    check(d, prompts, first + [list(outs[0].outputs[0].token_ids)], N, "prefix cache")
+    check_prefix_cache_hit(make_llm, d, prompts, N)
 
 
 LONG_PROMPTS = [ids(n, seed=200 + n) for n in (80, 65, 130)]  # beyond original_max_position_embeddings

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freight.distributed.parallel_state import get_tp_group, split_units
-from freight.layers.attention import AttentionMetadata, PagedAttention
+from freight.layers.attention import AttentionMetadata
 from freight.layers.parallel_linear import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                                             VocabParallelEmbedding)
 from freight.layers.rotary import RotaryEmbedding, RotaryStep
 from freight.model_config import ModelConfig
+from freight.models.llama import Attention
 
 
 class GemmaRMSNorm(nn.Module):
@@ -80,40 +80,18 @@ def _rope_settings(cfg: ModelConfig, gemma3: bool) -> tuple[tuple[float, Optiona
     return split(glob, 1_000_000.0), (float(raw.get("rope_local_base_freq", 10_000.0)), None)
 
 
-class GemmaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, sliding: bool, qk_norm: bool, softcap: Optional[float]):
-        super().__init__()
-        tp = get_tp_group()
-        raw = cfg.raw
-        d = self.head_dim = cfg.head_dim
-        self.num_heads = split_units(cfg.num_heads, tp.world_size, tp.rank)[1]
-        self.num_kv_heads = split_units(cfg.num_kv_heads, tp.world_size, tp.rank)[1]
-        self.q_size = self.num_heads * d
-        self.kv_size = self.num_kv_heads * d
-        self.sliding = sliding
-        bias = bool(raw.get("attention_bias", False))
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [(cfg.num_heads, d), (cfg.num_kv_heads, d),
-                                                               (cfg.num_kv_heads, d)], bias=bias)
-        self.o_proj = RowParallelLinear(cfg.num_heads, d, cfg.hidden_size, bias=bias)
-        self.q_norm = GemmaRMSNorm(d, cfg.rms_norm_eps) if qk_norm else None
-        self.k_norm = GemmaRMSNorm(d, cfg.rms_norm_eps) if qk_norm else None
-        scale = float(raw.get("query_pre_attn_scalar", 256)) ** -0.5
-        window = raw.get("sliding_window") if sliding else None
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, scale=scale,
-                                   sliding_window=window, logit_softcap=softcap)
+class GemmaAttention(Attention):
+    """Llama's attention with (1 + w) q/k norms, query_pre_attn_scalar and Gemma 2's soft-cap."""
 
-    def forward(self, x, rope: RotaryStep, kv_cache, meta: AttentionMetadata):
-        t, h, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)
-        v = qkv[:, self.q_size + self.kv_size:].view(t, hkv, d)
-        if self.q_norm is None:
-            qk = rope.apply(qkv[:, :self.q_size + self.kv_size].view(t, h + hkv, d))
-            q, k = qk[:, :h], qk[:, h:]
-        else:
-            q = rope.apply(self.q_norm(qkv[:, :self.q_size].view(t, h, d)))
-            k = rope.apply(self.k_norm(qkv[:, self.q_size:self.q_size + self.kv_size].view(t, hkv, d)))
-        o = self.attn(q, k, v, kv_cache, meta)
-        return self.o_proj(o.reshape(t, self.q_size))
+    norm_cls = GemmaRMSNorm
+
+    def __init__(self, cfg: ModelConfig, sliding: bool, qk_norm: bool, softcap: Optional[float]):
+        raw = cfg.raw
+        bias = bool(raw.get("attention_bias", False))
+        super().__init__(cfg, bias, qk_norm, raw.get("sliding_window") if sliding else None,
+                         scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5, logit_softcap=softcap,
+                         o_bias=bias)
+        self.sliding = sliding
 
 
 class GemmaMLP(nn.Module):

@@ -26,7 +26,14 @@ from freight.model_config import ModelConfig
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool):
+    """GQA attention over this rank's heads. Gemma and Phi-3 reuse it through the keyword arguments and
+    the classes of their fused Q/K/V layer and q/k norms."""
+
+    qkv_cls = ColumnParallelLinear
+    norm_cls = RMSNorm
+
+    def __init__(self, cfg: ModelConfig, qkv_bias: bool, qk_norm: bool, sliding_window: Optional[int],
+                 scale: Optional[float] = None, logit_softcap: Optional[float] = None, o_bias: bool = False):
         super().__init__()
         tp = get_tp_group()
         d = self.head_dim = cfg.head_dim
@@ -34,13 +41,13 @@ class Attention(nn.Module):
         self.num_kv_heads = split_units(cfg.num_kv_heads, tp.world_size, tp.rank)[1]
         self.q_size = self.num_heads * d
         self.kv_size = self.num_kv_heads * d
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [(cfg.num_heads, d), (cfg.num_kv_heads, d),
-                                                               (cfg.num_kv_heads, d)], bias=qkv_bias)
-        self.o_proj = RowParallelLinear(cfg.num_heads, d, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
-                                   scale=self.head_dim ** -0.5, sliding_window=cfg.sliding_windows[layer_idx])
+        self.qkv_proj = self.qkv_cls(cfg.hidden_size, [(cfg.num_heads, d), (cfg.num_kv_heads, d),
+                                                       (cfg.num_kv_heads, d)], bias=qkv_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads, d, cfg.hidden_size, bias=o_bias)
+        self.q_norm = self.norm_cls(d, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = self.norm_cls(d, cfg.rms_norm_eps) if qk_norm else None
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, scale=d ** -0.5 if scale is None else scale,
+                                   sliding_window=sliding_window, logit_softcap=logit_softcap)
 
     def forward(self, x, rope: RotaryStep, kv_cache, meta: AttentionMetadata):
         t, h, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -58,11 +65,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    gate_up_cls = ColumnParallelLinear  # Phi-3: its checkpoint's fused gate_up
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu)")
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [(cfg.intermediate_size, 1)] * 2, bias=False)
+        self.gate_up_proj = self.gate_up_cls(cfg.hidden_size, [(cfg.intermediate_size, 1)] * 2, bias=False)
         self.intermediate = self.gate_up_proj.local_sizes[0]  # this rank's channels
         self.down_proj = RowParallelLinear(cfg.intermediate_size, 1, cfg.hidden_size, bias=False)
 
@@ -113,7 +122,8 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         qkv_bias = cfg.attention_bias if self.qkv_bias is None else self.qkv_bias
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, Attention(cfg, i, qkv_bias, self.qk_norm), MLP(cfg))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, Attention(cfg, qkv_bias, self.qk_norm, cfg.sliding_windows[i]),
+                                                 MLP(cfg))
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)

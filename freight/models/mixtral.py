@@ -49,7 +49,7 @@ class MoEForCausalLM(nn.Module):
                                **LlamaForCausalLM.stacked_params}
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         qkv_bias = self.config_qkv_bias(cfg)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, Attention(cfg, i, qkv_bias, self.qk_norm), self.make_mlp(cfg, i))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, Attention(cfg, qkv_bias, self.qk_norm, cfg.sliding_windows[i]), self.make_mlp(cfg, i))
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)

@@ -32,18 +32,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from freight.distributed.parallel_state import get_tp_group, split_units
-from freight.kernels import silu_and_mul
-from freight.layers.attention import AttentionMetadata, PagedAttention
+from freight.layers.attention import AttentionMetadata
 from freight.layers.norm import RMSNorm
 from freight.layers.parallel_linear import (CheckpointTensor, ColumnParallelLinear, ParallelLMHead,
-                                            RowParallelLinear, VocabParallelEmbedding, _copy)
+                                            VocabParallelEmbedding, _copy)
 from freight.layers.rotary import RotaryEmbedding, RotaryStep, rope_type_of
 from freight.model_config import ModelConfig
-from freight.models.llama import DecoderLayer
+from freight.models.llama import MLP, Attention, DecoderLayer
 
 
 class FusedColumnParallelLinear(ColumnParallelLinear):
@@ -90,21 +87,14 @@ def _rope_config(cfg: ModelConfig) -> tuple[int, Optional[dict]]:
     return rotary_dim, scaling
 
 
-class Phi3Attention(nn.Module):
+class Phi3Attention(Attention):
+    """Llama's attention on the checkpoint's fused qkv_proj, with a possibly partial rotary."""
+
+    qkv_cls = FusedColumnParallelLinear
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary_dim: int):
-        super().__init__()
-        tp = get_tp_group()
-        d = self.head_dim = cfg.head_dim
+        super().__init__(cfg, qkv_bias=False, qk_norm=False, sliding_window=cfg.sliding_windows[layer_idx])
         self.rotary_dim = rotary_dim
-        self.num_heads = split_units(cfg.num_heads, tp.world_size, tp.rank)[1]
-        self.num_kv_heads = split_units(cfg.num_kv_heads, tp.world_size, tp.rank)[1]
-        self.q_size = self.num_heads * d
-        self.kv_size = self.num_kv_heads * d
-        self.qkv_proj = FusedColumnParallelLinear(
-            cfg.hidden_size, [(cfg.num_heads, d), (cfg.num_kv_heads, d), (cfg.num_kv_heads, d)], bias=False)
-        self.o_proj = RowParallelLinear(cfg.num_heads, d, cfg.hidden_size, bias=False)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, scale=d ** -0.5,
-                                   sliding_window=cfg.sliding_windows[layer_idx])
 
     def forward(self, x, rope: RotaryStep, kv_cache, meta: AttentionMetadata):
         t, h, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -122,22 +112,8 @@ class Phi3Attention(nn.Module):
         return self.o_proj(o.reshape(t, self.q_size))
 
 
-class Phi3MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu)")
-        self.gate_up_proj = FusedColumnParallelLinear(cfg.hidden_size, [(cfg.intermediate_size, 1)] * 2, bias=False)
-        self.intermediate = self.gate_up_proj.local_sizes[0]
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, 1, cfg.hidden_size, bias=False)
-
-    def forward(self, x):
-        gate_up = self.gate_up_proj(x)
-        h = silu_and_mul(gate_up)
-        if h is None:
-            gate, up = gate_up.split(self.intermediate, dim=-1)
-            h = F.silu(gate) * up
-        return self.down_proj(h)
+class Phi3MLP(MLP):
+    gate_up_cls = FusedColumnParallelLinear
 
 
 class Phi3ForCausalLM(nn.Module):
