@@ -404,10 +404,18 @@ def write_tokenizer_config(out_dir: Path, tokenizer, model_max_length: int) -> N
         jinja.unlink()
 
 
+# What generation_config.json asks for: a model this small loops under plain greedy decoding
+# ("import os\nimport os\n..."); a repetition penalty breaks the loops, and a temperature gives
+# sampled output some variety. Servers honour these unless a request sets its own
+# (freight serve --generation-config auto, as vLLM).
+GENERATION_DEFAULTS = dict(temperature=0.7, top_p=0.95, repetition_penalty=1.2)
+
+
 def greedy_samples(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, sample_seed: int | None = None
+    model, tokenizer, prompts: list[str], max_new_tokens: int, sample_seed: int | None = None,
+    repetition_penalty: float = 1.0,
 ) -> list[dict]:
-    """Greedy completions, or with sample_seed set, sampled ones (temperature 0.7, top-p 0.95)."""
+    """Greedy completions, or with sample_seed set, sampled ones (the generation defaults)."""
     import torch
 
     model.eval()
@@ -415,10 +423,10 @@ def greedy_samples(
     for prompt in prompts:
         enc = tokenizer(prompt, return_tensors="pt")
         if sample_seed is None:
-            kw = dict(do_sample=False)
+            kw = dict(do_sample=False, repetition_penalty=repetition_penalty)
         else:
             torch.manual_seed(sample_seed)
-            kw = dict(do_sample=True, temperature=0.7, top_p=0.95, top_k=0)
+            kw = dict(do_sample=True, top_k=0, **GENERATION_DEFAULTS)
         with torch.no_grad():
             gen = model.generate(
                 **enc,
@@ -490,6 +498,15 @@ def write_model_card(out_dir: Path, report: dict) -> None:
         f"| this model | {r['heldout_loss']:.3f} | {math.exp(r['heldout_loss']):.1f} |",
         f"| unigram model, same tokenizer (train counts, add-one smoothing) | {r['unigram_loss']:.3f} | "
         f"{math.exp(r['unigram_loss']):.1f} |",
+    ]
+    prev = r.get("previous")
+    if prev:
+        lines += [
+            f"| the model this one replaced ({prev['steps']} steps, {prev['tokens_trained']:,} tokens, "
+            f"{prev['train_time_s'] / 60:.1f} min on {prev['threads']} thread(s)) | {prev['heldout_loss']:.3f} | "
+            f"{math.exp(prev['heldout_loss']):.1f} |",
+        ]
+    lines += [
         "",
         f"That is {r['heldout_loss'] * r['heldout_tokens'] / r['data']['heldout_chars'] / math.log(2):.2f} bits per "
         f"character for this model and {r['unigram_loss'] * r['heldout_tokens'] / r['data']['heldout_chars'] / math.log(2):.2f} "
@@ -512,11 +529,21 @@ def write_model_card(out_dir: Path, report: dict) -> None:
         return out
 
     lines += show(r["samples"])
+    defaults = r.get("generation_defaults", {})
+    if r.get("samples_penalized"):
+        lines += [
+            f"## Greedy with the shipped repetition penalty ({defaults.get('repetition_penalty')}, transformers)",
+            "",
+            "Plain greedy decoding of a model this small falls into loops. `generation_config.json` ships "
+            f"`{json.dumps(defaults)}`, which servers apply unless a request sets its own "
+            "(`freight serve --generation-config auto`, vLLM's default), so a greedy request to "
+            "`freight serve` reads like this:",
+            "",
+        ]
+        lines += show(r["samples_penalized"])
     if r.get("samples_sampled"):
         lines += [
-            f"## Sampled completions (temperature 0.7, top-p 0.95, torch seed {r['seed']}, transformers)",
-            "",
-            "Greedy decoding of a model this small falls into loops; sampling shows more of what it learned.",
+            f"## Sampled completions (the generation defaults, torch seed {r['seed']}, transformers)",
             "",
         ]
         lines += show(r["samples_sampled"])
@@ -570,6 +597,8 @@ def parse_args(argv=None):
     p.add_argument("--max-bytes", type=int, default=None, help="stop collecting after this many characters")
     p.add_argument("--no-chat", action="store_true", help="skip the ChatML documents")
     p.add_argument("--sample-tokens", type=int, default=64)
+    p.add_argument("--previous-report", default=None,
+                   help="training_report.json of the model this one replaces (compared in the card)")
     p.add_argument(
         "--tiny",
         action="store_true",
@@ -746,15 +775,16 @@ def main(argv=None) -> dict:
         pad_token_id=tokenizer.convert_tokens_to_ids(EOT),
         bos_token_id=tokenizer.convert_tokens_to_ids(EOT),
         do_sample=True,
-        temperature=0.7,
-        top_p=0.95,
+        **GENERATION_DEFAULTS,
     )
     gen_cfg.save_pretrained(out_dir)
 
     # ---- samples (greedy, float32, from the saved weights' precision)
     samples = greedy_samples(model.float(), tokenizer, DEFAULT_SAMPLE_PROMPTS, args.sample_tokens)
+    penalized = greedy_samples(model, tokenizer, DEFAULT_SAMPLE_PROMPTS, args.sample_tokens,
+                               repetition_penalty=GENERATION_DEFAULTS["repetition_penalty"])
     sampled = greedy_samples(model, tokenizer, DEFAULT_SAMPLE_PROMPTS, args.sample_tokens, sample_seed=args.seed)
-    for s in samples + sampled:
+    for s in samples + penalized + sampled:
         log(f"sample {s['prompt']!r} -> {s['completion']!r}")
 
     weights_bytes = (out_dir / "model.safetensors").stat().st_size
@@ -807,8 +837,14 @@ def main(argv=None) -> dict:
         "unigram_loss": uni,
         "sample_tokens": args.sample_tokens,
         "samples": samples,
+        "samples_penalized": penalized,
         "samples_sampled": sampled,
+        "generation_defaults": GENERATION_DEFAULTS,
     }
+    if args.previous_report:
+        prev = json.loads(Path(args.previous_report).read_text())
+        report["previous"] = {k: prev.get(k) for k in ("command", "heldout_loss", "unigram_loss", "steps",
+                                                      "tokens_trained", "train_time_s", "threads")}
     report["total_time_s"] = round(time.time() - t_start, 1)
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_model_card(out_dir, report)
