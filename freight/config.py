@@ -60,8 +60,33 @@ class EngineConfig:
     # backend: any causal LM transformers implements, on freight's paged KV cache) or "auto" (freight's own
     # class when there is one for the architecture, else the Transformers backend).
     model_impl: str = "auto"
+    # vLLM's --quantization, for a float checkpoint: "int8" quantizes the linear layers' weights as they load
+    # (per-output-channel symmetric int8, float activations: freight/layers/quantization); None: as loaded.
+    quantization: Optional[str] = None
+    # Where requests' default sampling parameters come from (vLLM's generation_config): "auto" (the model's
+    # generation_config.json), "vllm" (none) or a directory holding one; override_generation_config is laid
+    # over it. See freight/generation_defaults.py.
+    generation_config: str = "auto"
+    override_generation_config: Optional[dict] = None
+    # A request whose prompt + max_tokens exceeds max_model_len gets max_tokens lowered to what the context
+    # leaves, instead of a 400 (a prompt that alone fills the context is still refused).
+    clamp_max_tokens: bool = False
+    # vLLM's --scheduling-policy: "fcfs" (arrival order) or "priority" (by each request's priority, lower
+    # first, then arrival; the running request with the largest of those is preempted first).
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        from freight.generation_defaults import check_generation_config_arg
+
+        check_generation_config_arg(self.generation_config)
+        if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):
+            raise ValueError(f"override_generation_config must be a JSON object, got "
+                             f"{self.override_generation_config!r}")
+        from freight.layers.quantization import check_quantization
+
+        check_quantization(self.quantization)
         if self.model_impl not in ("auto", "freight", "transformers"):
             raise ValueError(f"model_impl must be auto, freight or transformers, got {self.model_impl!r}")
         if self.model_impl == "transformers" and self.tensor_parallel_size > 1:

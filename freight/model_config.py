@@ -81,7 +81,8 @@ class ModelConfig:
         if quant:
             method = quant.get("quant_method", "an unknown method")
             raise ValueError(f"this checkpoint is quantized with {method} (quantization_config in config.json), "
-                             "which freight cannot load; use an unquantized (float16/bfloat16/float32) checkpoint")
+                             "which freight cannot load; use an unquantized (float16/bfloat16/float32) checkpoint "
+                             "(--quantization int8 then quantizes its weights to int8 as it loads)")
         missing = [k for k in REQUIRED_KEYS if k not in cfg]
         if missing:
             raise ValueError(f"config.json of {archs[0]} lacks {', '.join(map(repr, missing))}; "

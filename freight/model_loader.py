@@ -19,7 +19,9 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from freight.layers.linear import pack_linear_weights
+from freight.kernels.cpu_features import has_native_bf16
+from freight.layers.linear import pack_linear_weights, quantize_linear_weights
+from freight.layers.moe import FusedMoE
 from freight.layers.parallel_linear import default_weight_loader
 from freight.layers.rotary import RotaryEmbedding
 from freight.model_config import ModelConfig
@@ -64,6 +66,10 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.d
         chosen = _DTYPES.get(str(cfg.torch_dtype), torch.float32)
         if device.type == "cpu" and chosen == torch.float16:
             chosen = torch.bfloat16  # CPU float16 matmuls are slow; bf16 has the same memory cost
+        if device.type == "cpu" and chosen == torch.bfloat16 and not has_native_bf16():
+            # emulated bf16 matmuls run several times slower than float32 (FREIGHT_KERNEL_ISA lowers the probe)
+            logger.info("CPU has no native bf16 (AVX512_BF16/AMX): running in float32")
+            chosen = torch.float32
         if not _runs(chosen, device):
             chosen = torch.float32
         return chosen
@@ -129,14 +135,18 @@ def iterate_weights(model_dir: Path) -> Iterator[tuple[str, _LazyTensor]]:
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               model_impl: str = "auto") -> nn.Module:
+               model_impl: str = "auto", quantization: Optional[str] = None) -> nn.Module:
     """model_impl: "freight" (freight's own class), "transformers" (the Transformers backend) or "auto"
-    (the own class when freight has one for the architecture, else the Transformers backend)."""
+    (the own class when freight has one for the architecture, else the Transformers backend).
+    quantization: "int8" quantizes the linear layers' weights once loaded (layers/quantization)."""
     from freight.models.transformers_backend import load_transformers_model, resolve_model_impl
     impl = resolve_model_impl(cfg.architecture, model_impl)
     logger.info("model implementation for %s: %s", cfg.architecture,
                 "freight (native)" if impl == "freight" else "Transformers backend")
     if impl == "transformers":
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r} needs freight's own model class (model_impl='freight'); "
+                             f"the Transformers backend runs {cfg.architecture} unquantized")
         return load_transformers_model(model_dir, cfg, dtype, device)
     cls = resolve_model_class(cfg.architecture)
     default_dtype = torch.get_default_dtype()
@@ -152,6 +162,11 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
         if isinstance(m, RotaryEmbedding):
             m.build_cache(device)
     _load_weights(model, model_dir)
+    if quantization is not None:
+        count = quantize_linear_weights(model, quantization)
+        logger.info("quantized %d linear layers to %s", count, quantization)
+        if any(isinstance(m, FusedMoE) for m in model.modules()):
+            logger.info("MoE expert weights stay in %s (quantization covers the dense linear layers)", dtype)
     if device.type == "cpu" and os.environ.get("FREIGHT_DISABLE_WEIGHT_PACKING") != "1":
         pack_linear_weights(model)
     return model.eval()

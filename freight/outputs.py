@@ -24,11 +24,47 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
+    """A request's timeline, on time.monotonic() (the same clock in the engine-core process).
+
+    The phases follow vLLM's RequestStateStats: queued from arrival until first scheduled,
+    prefill until the first token, decode until the last token; inference is prefill plus
+    decode. A phase is None until its end is known (and stays None for a request aborted
+    before it got there)."""
+
     arrival_time: float
     first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     finished_time: Optional[float] = None
+    num_preemptions: int = 0          # over all the request's sequences
+    # The request's sampling parameters that vLLM's request histograms observe.
+    n_param: int = 1
+    max_tokens_param: Optional[int] = None
+
+    @property
+    def queue_time(self) -> Optional[float]:
+        return _span(self.arrival_time, self.first_scheduled_time)
+
+    @property
+    def prefill_time(self) -> Optional[float]:
+        return _span(self.first_scheduled_time, self.first_token_time)
+
+    @property
+    def decode_time(self) -> Optional[float]:
+        return _span(self.first_token_time, self.last_token_time)
+
+    @property
+    def inference_time(self) -> Optional[float]:
+        return _span(self.first_scheduled_time, self.last_token_time)
+
+    @property
+    def e2e_time(self) -> Optional[float]:
+        return _span(self.arrival_time, self.finished_time)
+
+
+def _span(start: Optional[float], end: Optional[float]) -> Optional[float]:
+    # Clamped at 0: the two ends may be read in different processes.
+    return None if start is None or end is None else max(end - start, 0.0)
 
 
 @dataclass

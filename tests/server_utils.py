@@ -17,11 +17,12 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import httpx
 import pytest
@@ -42,6 +43,9 @@ def free_port() -> int:
 
 
 class RemoteServer:
+    # What the health poll verifies TLS against (a TLS server's subclass sets its own context).
+    verify: Union[bool, "ssl.SSLContext"] = True
+
     def __init__(self, model: Path, extra_args: list[str], log_path: Path, api_key: Optional[str] = None,
                  startup_timeout: float = 180.0):
         self.port = free_port()
@@ -81,7 +85,7 @@ class RemoteServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url("/health"), timeout=2).status_code == 200:
+                if httpx.get(self.url("/health"), verify=self.verify, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

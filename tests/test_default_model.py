@@ -33,8 +33,9 @@ def _default_dir() -> Path:
     return Path(default_model_path())
 
 
-def _hf_greedy(model_dir: Path, prompt: str, n: int) -> tuple[list[int], list[int]]:
-    """(prompt ids, new token ids) from transformers' greedy generate in float32."""
+def _hf_greedy(model_dir: Path, prompt: str, n: int, repetition_penalty: float = 1.0) -> tuple[list[int], list[int]]:
+    """(prompt ids, new token ids) from transformers' greedy generate in float32 (plain greedy unless a
+    repetition penalty is given, whatever generation_config.json sets)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,6 +47,7 @@ def _hf_greedy(model_dir: Path, prompt: str, n: int) -> tuple[list[int], list[in
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              do_sample=False, max_new_tokens=n,
+                             repetition_penalty=repetition_penalty,
                              pad_token_id=tok.pad_token_id)
     return ids, out[0, len(ids):].tolist()
 
@@ -135,10 +137,12 @@ def test_bundled_model_files():
 
 
 def test_bundled_model_completes_python():
+    """Greedy under the shipped generation defaults (what `freight serve` applies) reads like code."""
     from transformers import AutoTokenizer
 
     d = _default_dir()
-    _, new = _hf_greedy(d, PROMPT, N_TOKENS)
+    penalty = json.loads((d / "generation_config.json").read_text()).get("repetition_penalty", 1.0)
+    _, new = _hf_greedy(d, PROMPT, N_TOKENS, repetition_penalty=penalty)
     text = AutoTokenizer.from_pretrained(d).decode(new, skip_special_tokens=True)
     assert "\n    " in text, f"no indented block in {text!r}"
     keywords = {"return", "if", "for", "while", "def", "in", "else", "not", "None", "self", "import", "raise"}

@@ -33,6 +33,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 from freight.core.kv_cache_manager import KVCacheManager
 from freight.core.request import Request, RequestStatus
+from freight.core.request_queue import priority_key
 from freight.core.scheduler import Scheduler, SchedulerConfig
 from freight.sampling_params import SamplingParams
 from freight.step_contract import ModelRunnerOutput, SchedulerOutput
@@ -104,6 +105,7 @@ class Spec:
     abort_at: Optional[int] = None  # step before which it is aborted (if still alive)
     n: int = 1                    # sequences (n > 1: the first computes the prompt, the rest fork)
     prompt_logprobs: Optional[int] = None  # (no prefix-cache hits for such a request)
+    priority: int = 0             # lower is served earlier (the priority policy only)
 
     @property
     def seq_ids(self) -> list[str]:
@@ -121,6 +123,7 @@ class Config:
     caching: bool
     vocab: int
     salt: int
+    policy: str = "fcfs"
 
 
 @dataclass
@@ -138,7 +141,7 @@ class Harness:
         self.bs = cfg.block_size
         self.kv = KVCacheManager(cfg.num_blocks, cfg.block_size, cfg.caching)
         self.sched = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                               cfg.max_model_len, cfg.chunked), self.kv)
+                                               cfg.max_model_len, cfg.chunked, cfg.policy), self.kv)
         self.reqs: dict[str, Request] = {}   # every sequence ever added, by sequence id
         self.specs: dict[str, Spec] = {}
         self.aborted: set[str] = set()
@@ -164,7 +167,7 @@ class Harness:
         params = SamplingParams(n=spec.n, max_tokens=spec.max_tokens, ignore_eos=spec.ignore_eos,
                                 prompt_logprobs=spec.prompt_logprobs)
         seqs = [Request(request_id=sid, prompt_token_ids=list(spec.prompt), sampling_params=params.for_sample(i),
-                        max_tokens=spec.max_tokens, eos_token_ids=frozenset({EOS}))
+                        max_tokens=spec.max_tokens, eos_token_ids=frozenset({EOS}), priority=spec.priority)
                 for i, sid in enumerate(spec.seq_ids)]
         seqs[0].pending_forks = seqs[1:]
         for r in seqs:
@@ -267,6 +270,8 @@ class Harness:
         if out.num_preempted:
             self.saw_preemption = True
         assert out.num_preempted == sum(1 for r in self.sched.waiting if r.request_id in running_before)
+        if cfg.policy == "priority":
+            self.check_priority_order(waiting_before, running_before)
 
         # (1) budgets, and the contract's bookkeeping
         entries = contract_entries(out)
@@ -374,6 +379,22 @@ class Harness:
         pass
 
     # -- invariants -----------------------------------------------------------------------
+    def check_priority_order(self, waiting_before: set[str], running_before: set[str]) -> None:
+        """The priority policy: admission in (priority, arrival) order, victims with the largest keys."""
+        sched = self.sched
+        admitted = [r for r in sched.running if r.request_id in waiting_before]
+        still_waiting = [r for r in sched.waiting if r.request_id in waiting_before]
+        if admitted and still_waiting:
+            # (every request here fits once it is at the head: the queue only stops at one that does not)
+            assert max(map(priority_key, admitted)) <= min(map(priority_key, still_waiting)), (
+                "a waiting request was admitted before one with a smaller (priority, arrival)")
+        preempted = [r for r in sched.waiting if r.request_id in running_before]
+        if preempted and sched.running:
+            assert max(map(priority_key, sched.running)) <= min(map(priority_key, preempted)), (
+                "preempted a request while one with a larger (priority, arrival) kept running")
+        assert [priority_key(r) for r in sched.running] == sorted(priority_key(r) for r in sched.running)
+        assert [priority_key(r) for r in sched.waiting] == sorted(priority_key(r) for r in sched.waiting)
+
     def check_shadow(self) -> None:
         """Every computed position of every running request holds that request's own history."""
         bs = self.bs
@@ -516,7 +537,12 @@ def step_bound(cfg: Config, specs: list[Spec]) -> int:
     """Steps within which everything must finish: the oldest running request is never preempted
     (it always fits alone) and gets >= 1 token a step, and an empty running list always admits."""
     last = max((s.arrival for s in specs), default=0)
-    return last + sum(s.n for s in specs) * cfg.max_model_len + 2
+    bound = sum(s.n for s in specs) * cfg.max_model_len
+    if cfg.policy == "priority":
+        # The running request with the smallest key is never preempted, but a waiting one with a smaller
+        # key displaces it once admitted (and it may be preempted later): each admission can cost a redo.
+        bound *= 1 + len(specs)
+    return last + bound + 2
 
 
 def run_scenario(cfg: Config, specs: list[Spec], harness: type[Harness] = Harness) -> Harness:
@@ -547,7 +573,7 @@ MAX_LEN = 40
 
 
 @st.composite
-def configs(draw, chunked=None, caching=None) -> Config:
+def configs(draw, chunked=None, caching=None, policy: str = "fcfs") -> Config:
     bs = draw(st.sampled_from([1, 2, 4, 16]))
     mml = draw(st.integers(2, MAX_LEN))
     # max_model_len never exceeds the cache; keep the cache tight so requests preempt each other.
@@ -563,11 +589,12 @@ def configs(draw, chunked=None, caching=None) -> Config:
     return Config(block_size=bs, num_blocks=nb, max_model_len=mml,
                   max_num_seqs=draw(st.integers(1, 6)), max_num_batched_tokens=mbt, chunked=chunked,
                   caching=draw(st.booleans()) if caching is None else caching,
-                  vocab=draw(st.integers(2, 10)), salt=draw(st.integers(0, 1000)))
+                  vocab=draw(st.integers(2, 10)), salt=draw(st.integers(0, 1000)), policy=policy)
 
 
 @st.composite
 def workloads(draw, cfg: Config, aborts: bool = True, max_requests: int = 8, forks: bool = False) -> list[Spec]:
+    """Random requests; under the priority policy each gets a priority (ties are common)."""
     mml = cfg.max_model_len
     tok = st.integers(0, cfg.vocab - 1)
     # A small pool of prefixes: most prompts start with one of them, so prefix caching hits.
@@ -585,15 +612,16 @@ def workloads(draw, cfg: Config, aborts: bool = True, max_requests: int = 8, for
             ignore_eos=draw(st.sampled_from([True, True, False])),
             arrival=draw(st.one_of(st.just(0), st.integers(0, 12))),
             abort_at=draw(st.one_of(st.none(), st.integers(0, 40))) if aborts else None,
-            n=draw(st.sampled_from([1, 1, 1, 2, 3])) if forks else 1))
+            n=draw(st.sampled_from([1, 1, 1, 2, 3])) if forks else 1,
+            priority=draw(st.integers(-2, 2)) if cfg.policy == "priority" else 0))
     for sp in specs:
         sp.n = min(sp.n, cfg.max_num_seqs)
     return specs
 
 
 @st.composite
-def scenarios(draw, aborts: bool = True, chunked=None, caching=None, forks: bool = False):
-    cfg = draw(configs(chunked=chunked, caching=caching))
+def scenarios(draw, aborts: bool = True, chunked=None, caching=None, forks: bool = False, policy: str = "fcfs"):
+    cfg = draw(configs(chunked=chunked, caching=caching, policy=policy))
     return cfg, draw(workloads(cfg, aborts=aborts, forks=forks))
 
 
@@ -1001,7 +1029,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             base = []
         prompt = base + data.draw(st.lists(tok, min_size=plen - len(base), max_size=plen - len(base)))
         spec = Spec(f"r{len(self.specs)}", prompt, data.draw(st.integers(1, mml)), data.draw(st.booleans()),
-                    arrival=self.h.steps, n=data.draw(st.integers(1, min(self.max_n, cfg.max_num_seqs))))
+                    arrival=self.h.steps, n=data.draw(st.integers(1, min(self.max_n, cfg.max_num_seqs))),
+                    priority=data.draw(st.integers(-2, 2)) if cfg.policy == "priority" else 0)
         self.specs.append(spec)
         self.failed = True
         self.h.add(spec)
@@ -1044,7 +1073,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         h = self.h
         if h is None or getattr(self, "failed", False):
             return  # a rule or invariant already failed: don't pile a second error on it
-        bound = h.steps + sum(s.n for s in self.specs) * h.cfg.max_model_len + 2
+        bound = h.steps + step_bound(h.cfg, self.specs)
         while h.sched.num_unfinished:
             assert h.steps < bound, "no progress"
             h.step()
@@ -1055,6 +1084,14 @@ class ForkingSchedulerMachine(SchedulerMachine):
     max_n = 3
 
 
+class PrioritySchedulerMachine(ForkingSchedulerMachine):
+    """The priority policy: requests with random priorities (Harness.step checks the order)."""
+
+    @initialize(cfg=configs(policy="priority"))
+    def setup(self, cfg):
+        self.h = Harness(cfg)
+
+
 def test_scheduler_state_machine():
     run_state_machine_as_test(SchedulerMachine,
                               settings=settings(max_examples=60, stateful_step_count=30, deadline=None))
@@ -1063,3 +1100,18 @@ def test_scheduler_state_machine():
 def test_scheduler_state_machine_with_forks():
     run_state_machine_as_test(ForkingSchedulerMachine,
                               settings=settings(max_examples=60, stateful_step_count=30, deadline=None))
+
+
+def test_priority_scheduler_state_machine():
+    run_state_machine_as_test(PrioritySchedulerMachine,
+                              settings=settings(max_examples=40, stateful_step_count=30, deadline=None))
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenarios(forks=True, policy="priority"))
+def test_priority_policy_random_workloads(scenario):
+    """The priority policy keeps every invariant (blocks freed or cached, ref counts, outputs), admits
+    in (priority, arrival) order and preempts the running requests with the largest keys."""
+    cfg, specs = scenario
+    h = run_scenario(cfg, specs)
+    _events(h)

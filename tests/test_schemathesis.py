@@ -37,7 +37,7 @@ OPERATIONS = {
     ("GET", "/health"): False, ("GET", "/ping"): False, ("POST", "/ping"): False, ("GET", "/version"): False,
     ("GET", "/metrics"): False, ("GET", "/v1/models"): False, ("POST", "/tokenize"): True,
     ("POST", "/detokenize"): True, ("POST", "/v1/completions"): True, ("POST", "/v1/chat/completions"): True,
-    ("POST", "/v1/embeddings"): True,
+    ("POST", "/v1/embeddings"): True, ("POST", "/reset_prefix_cache"): False,
 }
 USER = [{"role": "user", "content": "Once upon a time"}]
 # valid-core: (fields set, fields removed) choices per operation.

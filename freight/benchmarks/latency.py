@@ -57,12 +57,14 @@ def run(args) -> dict:
     decode_s = sum(sum(it.decode_steps_s) for it in iters)
     batch_tokens = args.batch_size * args.output_len
     result = {
+        # vLLM's keys (`vllm bench latency --output-json`): seconds, percentiles keyed "10" ... "99"
+        "avg_latency": avg, "latencies": [float(x) for x in latencies],
+        "percentiles": {str(p): float(np.percentile(latencies, p)) for p in LATENCY_PERCENTILES},
         "benchmark": "latency", "model": str(engine.model_dir), "dtype": engine.dtype,
         "device": engine.device, "data_parallel_size": args.data_parallel_size, "batch_size": args.batch_size,
         "input_len": args.input_len,
         "output_len": args.output_len, "num_iters": args.num_iters,
         "avg_latency_s": round(avg, 4),
-        "percentiles": {str(p): round(float(np.percentile(latencies, p)), 4) for p in LATENCY_PERCENTILES},
         "latencies_s": [round(float(x), 4) for x in latencies],
         "prefill_s": round(float(np.mean([it.prefill_s for it in iters])), 4),
         "prefill_steps": iters[-1].prefill_steps,

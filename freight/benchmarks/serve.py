@@ -1,9 +1,12 @@
 """`freight bench serve`: load-test any OpenAI-compatible server (freight, vLLM, llama.cpp, ...).
 
 Like `vllm bench serve`: streaming requests arrive as a Poisson process (gamma with --burstiness),
-optionally capped at --max-concurrency, and the report uses vLLM's JSON key names (mean_ttft_ms,
-p99_itl_ms, output_throughput, ...) so results line up with vLLM's own. Per request it measures
-TTFT (first non-empty content chunk), ITL (gaps between content chunks), TPOT and end-to-end time.
+optionally capped at --max-concurrency, and the report uses vLLM's JSON keys (serve_metrics) so
+results line up with vLLM's own. Per request it measures TTFT (first non-empty content chunk), ITL
+(gaps between content chunks), TPOT and end-to-end time.
+
+--output-json writes the summary and the per-request lists; --save-result writes a file named as
+vLLM names it (into --result-dir), with the lists only under --save-detailed, as vLLM.
 """
 
 from __future__ import annotations
@@ -15,25 +18,12 @@ import logging
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
 from freight.benchmarks.datasets import BenchRequest, build_dataset
 from freight.benchmarks.report import print_table, write_json
-
-
-@dataclass
-class RequestResult:
-    prompt_len: int
-    success: bool = False
-    output_tokens: int = 0
-    ttft: float = 0.0
-    e2e: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    error: str = ""
+from freight.benchmarks.serve_metrics import RequestResult, backend_name, details, summarize
 
 
 def run(args) -> dict:
@@ -60,13 +50,29 @@ async def _bench(args) -> dict:
         reqs = build_dataset(args, vocab)
         work = [(_payload(args, model, r, tokenizer), len(r.prompt_ids)) for r in reqs]
         results, duration = await _send_all(client, args, work)
-    result = _summarize(args, model, results, duration)
+    result = summarize(args, model, args.tokenizer or root or model, results, duration)
     print_table("Serving Benchmark", result)
     print(json.dumps(result))
-    write_json(args.output_json, result)
+    full = {**result, **details(results)}
+    write_json(args.output_json, full)
+    if args.save_result:
+        write_json(_result_path(args, result), full if args.save_detailed else result)
     if not result["completed"]:
         raise ValueError(f"every request failed; first error: {results[0].error}")
-    return result
+    return full
+
+
+def _result_path(args, result: dict) -> str:
+    """vLLM's file name for --save-result: {backend}-{rate}qps[-concurrency{N}]-{model}-{date}.json."""
+    name = args.result_filename
+    if not name:
+        concurrency = f"-concurrency{args.max_concurrency}" if args.max_concurrency is not None else ""
+        name = (f"{backend_name(args.endpoint)}-{args.request_rate}qps{concurrency}-"
+                f"{result['model_id'].split('/')[-1]}-{result['date']}.json")
+    if args.result_dir:
+        Path(args.result_dir).mkdir(parents=True, exist_ok=True)
+        return str(Path(args.result_dir) / name)
+    return name
 
 
 async def _server_model(client, model: Optional[str]) -> tuple[str, Optional[str]]:
@@ -181,7 +187,7 @@ async def _send_all(client, args, work: list[tuple[dict, int]]) -> tuple[list[Re
 async def _stream(client, endpoint: str, body: dict, res: RequestResult) -> None:
     """Send one streaming request and fill `res` from its server-sent events."""
     chunks, usage_tokens = 0, 0
-    start = last = time.perf_counter()
+    start = last = res.start = time.perf_counter()
     async with client.stream("POST", endpoint, json=body) as resp:
         if resp.status_code != 200:
             text = (await resp.aread()).decode(errors="replace")
@@ -199,7 +205,9 @@ async def _stream(client, endpoint: str, body: dict, res: RequestResult) -> None
                 res.error = f"stream error: {err.get('message', err) if isinstance(err, dict) else err}"
                 return
             now = time.perf_counter()
-            if _content(event):
+            text = _content(event)
+            if text:
+                res.generated_text += text
                 if chunks == 0:
                     res.ttft = now - start
                 else:
@@ -223,37 +231,3 @@ def _content(event: dict) -> str:
         return ""
     c = choices[0]
     return c.get("text") or (c.get("delta") or {}).get("content") or ""
-
-
-def _summarize(args, model: str, results: list[RequestResult], duration: float) -> dict:
-    ok = [r for r in results if r.success]
-    total_in = sum(r.prompt_len for r in ok)
-    total_out = sum(r.output_tokens for r in ok)
-    rate = args.request_rate
-    result: dict[str, Any] = {
-        "benchmark": "serve", "base_url": args.base_url, "endpoint": args.endpoint, "model_id": model,
-        "dataset": args.dataset_name, "num_prompts": len(results),
-        "request_rate": "inf" if rate == float("inf") else rate,  # JSON has no Infinity
-        "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
-        "duration": round(duration, 3), "completed": len(ok), "failed": len(results) - len(ok),
-        "total_input_tokens": total_in, "total_output_tokens": total_out,
-        "request_throughput": round(len(ok) / duration, 4),
-        "output_throughput": round(total_out / duration, 2),
-        "total_token_throughput": round((total_in + total_out) / duration, 2),
-    }
-    series = {
-        "ttft": [r.ttft for r in ok],
-        "tpot": [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1],
-        "itl": [x for r in ok for x in r.itl],
-        "e2el": [r.e2e for r in ok],
-    }
-    percentiles = [float(p) for p in args.percentiles.split(",") if p.strip()]
-    for name, values in series.items():
-        ms = np.array(values or [0.0]) * 1000  # as vLLM: 0 rather than NaN when there is nothing to measure
-        result[f"mean_{name}_ms"] = round(float(ms.mean()), 3)
-        result[f"median_{name}_ms"] = round(float(np.median(ms)), 3)
-        result[f"std_{name}_ms"] = round(float(ms.std()), 3)
-        for p in percentiles:
-            result[f"p{int(p) if p == int(p) else p}_{name}_ms"] = round(float(np.percentile(ms, p)), 3)
-    result["errors"] = list(dict.fromkeys(r.error for r in results if not r.success))[:5]
-    return result

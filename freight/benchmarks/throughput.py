@@ -45,9 +45,11 @@ def run(args) -> dict:
     prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
     output_tokens = sum(r.output_len for r in reqs)
     result = {
+        # vLLM's keys (`vllm bench throughput --output-json`), unrounded as there
+        "elapsed_time": elapsed, "num_requests": len(reqs), "total_num_tokens": prompt_tokens + output_tokens,
+        "requests_per_second": len(reqs) / elapsed, "tokens_per_second": (prompt_tokens + output_tokens) / elapsed,
         "benchmark": "throughput", "model": str(engine.model_dir), "dtype": engine.dtype,
         "device": engine.device, "data_parallel_size": args.data_parallel_size, "dataset": args.dataset_name,
-        "num_requests": len(reqs),
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(len(reqs) / elapsed, 3),
         "total_tokens_per_s": round((prompt_tokens + output_tokens) / elapsed, 1),

@@ -51,7 +51,13 @@ def add_parser(subparsers) -> None:
     s.add_argument("--metric-percentiles", "--percentiles", dest="percentiles", default="50,90,99",
                    help="comma-separated, e.g. 50,90,99,99.9")
     s.add_argument("--disable-tqdm", action="store_true")
-    s.add_argument("--output-json", default=None)
+    s.add_argument("--output-json", default=None, help="write the summary and the per-request lists here")
+    s.add_argument("--save-result", action="store_true",
+                   help="as vLLM: write the result to {backend}-{rate}qps[-concurrency{N}]-{model}-{date}.json")
+    s.add_argument("--save-detailed", action="store_true",
+                   help="with --save-result: include the per-request lists (input_lens, ttfts, itls, ...)")
+    s.add_argument("--result-dir", default=None, help="folder for --save-result (default: the current one)")
+    s.add_argument("--result-filename", default=None, help="file name for --save-result instead of vLLM's")
     add_dataset_args(s)
     s.set_defaults(func=_run("serve"))
 

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from freight.config import EngineConfig
+from freight.layers.quantization import QUANTIZATION_METHODS
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
@@ -41,9 +42,24 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     g.add_argument("--model-impl", choices=["auto", "freight", "transformers"], default="auto",
                    help="freight's own model classes, the Transformers backend (any causal LM transformers "
                         "implements, on freight's paged KV cache), or auto: freight's class when there is one")
+    g.add_argument("--quantization", "-q", choices=QUANTIZATION_METHODS, default=None,
+                   help="quantize a float checkpoint's attention/MLP weights as it loads: int8 (weight-only, "
+                        "per-output-channel scales; less weight memory, faster CPU decode at small batches: "
+                        "docs/performance.md)")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="fcfs: requests in arrival order; priority: by each request's 'priority' (lower first, "
+                        "then arrival), and the running request with the largest is preempted first")
     g.add_argument("--data-parallel-size", "-dp", type=positive_int, default=1, metavar="N",
                    help="engine-core processes, each with the whole model and its own KV cache (the CPUs are "
                         "split between them); requests go to the least loaded")
+    g.add_argument("--generation-config", default="auto", metavar="{auto,vllm,DIR}",
+                   help="where requests' default sampling parameters (temperature, top_p, top_k, min_p, "
+                        "repetition_penalty, max_tokens) come from: auto (the model's generation_config.json), "
+                        "vllm (none: the neutral defaults) or a directory holding a generation_config.json; "
+                        "a request's own values always win")
+    g.add_argument("--override-generation-config", type=json_object, default=None, metavar="JSON",
+                   help='values laid over the generation config, e.g. \'{"temperature": 0.5}\' (also over '
+                        "--generation-config vllm)")
 
 
 def positive_int(value: str) -> int:
@@ -51,6 +67,16 @@ def positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def json_object(value: str) -> dict:
+    try:
+        obj = json.loads(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {value!r}")
+    return obj
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -68,4 +94,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         structured_outputs_config=args.structured_outputs_config,
         tensor_parallel_size=args.tensor_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
-        model_impl=getattr(args, "model_impl", "auto"))
+        model_impl=getattr(args, "model_impl", "auto"), generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
+        clamp_max_tokens=getattr(args, "clamp_max_tokens", False),
+        scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
+        quantization=getattr(args, "quantization", None))

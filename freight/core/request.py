@@ -37,6 +37,7 @@ class Request:
     max_tokens: int                    # resolved against max_model_len
     eos_token_ids: frozenset[int]
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0                  # lower is served earlier (the priority scheduling policy only)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -3,9 +3,15 @@
 Each step first gives every running request its next tokens (one for a decode, the
 next chunk for a partly prefilled prompt), then admits waiting requests with the
 budget that is left. When the KV cache cannot hold a running request's next tokens,
-the most recently admitted running request is preempted: its blocks are freed and
-it goes back to the front of the queue, to be recomputed (largely from the prefix
-cache) later.
+the last running request is preempted: its blocks are freed and it goes back to the
+waiting queue, to be recomputed (largely from the prefix cache) later.
+
+The scheduling policy (as vLLM's) orders both queues. fcfs: arrival order, so the victim
+is the most recently admitted request and a preempted request resumes first. priority:
+by (priority, arrival time), lower first, so the victim is the running request with the
+largest key. The running list stays sorted by that key: a victim always comes after every
+request already scheduled in the step (none has to be unscheduled), and a waiting request
+never preempts a running one, however high its priority (vLLM v1 does not either).
 
 The decision goes out as a plain-data SchedulerOutput (freight.step_contract): a
 request the runner has not seen is sent whole once, afterwards only its new blocks.
@@ -18,13 +24,14 @@ that has accepted a stop token ends the sequence with "stop".
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from freight.core.kv_cache_manager import KVCacheManager
 from freight.core.request import Request, RequestStatus
+from freight.core.request_queue import SchedulingPolicy, create_request_queue, priority_key
 from freight.core.stats import SchedulerStats
 from freight.step_contract import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
@@ -35,8 +42,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    policy: SchedulingPolicy = SchedulingPolicy.FCFS
 
     def __post_init__(self) -> None:
+        self.policy = SchedulingPolicy(self.policy)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             # Without chunking a sequence is prefilled whole: one longer than the budget
             # (a long prompt, or a recompute after preemption) could never be scheduled.
@@ -50,7 +59,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
         self.config = config
         self.kv = kv_cache
-        self.waiting: deque[Request] = deque()
+        self.waiting = create_request_queue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_ids: list[str] = []
@@ -71,7 +80,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add_request(request)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """Remove requests (abort, or a stop string seen by the output processor)."""
@@ -115,7 +124,7 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
-                victim = self.running.pop()
+                victim = self.running.pop()  # the newest (fcfs) or the largest (priority, arrival)
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is req:
@@ -145,10 +154,10 @@ class Scheduler:
         while self.waiting and budget > 0:
             req = self.waiting[0]
             if req.structured is not None and not req.structured.ready():
-                compiling.append(self.waiting.popleft())
+                compiling.append(self.waiting.pop_request())
                 continue
             if req.structured is not None and req.structured.error is not None:
-                self.waiting.popleft()
+                self.waiting.pop_request()
                 self._fail(req, req.structured.error)
                 continue
             if self._num_seats() + 1 + len(req.pending_forks) > self.config.max_num_seqs:
@@ -160,17 +169,23 @@ class Scheduler:
             num_new = min(num_new, budget)
             if not self.kv.allocate_slots(req, num_new, cached_blocks):
                 break
-            self.waiting.popleft()
+            self.waiting.pop_request()
             self.kv.record_lookup(req.num_tokens, num_cached)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
                 req.first_scheduled_time = time.monotonic()
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._add_running(req)
             scheduled.append((req, num_new))
             budget -= num_new
-        self.waiting.extendleft(reversed(compiling))
+        self.waiting.prepend_requests(compiling)
+
+    def _add_running(self, req: Request) -> None:
+        if self.config.policy == SchedulingPolicy.PRIORITY:
+            bisect.insort_right(self.running, req, key=priority_key)
+        else:
+            self.running.append(req)
 
     def _fail(self, req: Request, error: str) -> None:
         """End a request taken off its queue (and its unforked siblings) with an error."""
@@ -240,7 +255,7 @@ class Scheduler:
             child.first_scheduled_time = parent.first_scheduled_time
             child.status = RequestStatus.RUNNING
             self.requests[child.request_id] = child
-            self.running.append(child)
+            self._add_running(child)
             block_ids = self.kv.block_ids(child.request_id)
             out.scheduled_new_reqs.append(NewRequestData(
                 child.request_id, child.prompt_token_ids, child.sampling_params, sorted(child.eos_token_ids),
@@ -255,7 +270,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self.waiting.prepend_request(req)
 
     # -- after the model ran -----------------------------------------------
     def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, int]]:

@@ -6,7 +6,36 @@ outputs, where /metrics and the periodic log line read the latest snapshot per e
 
 from __future__ import annotations
 
+import bisect
+
 import msgspec
+
+# vLLM's buckets of vllm:iteration_tokens_total (tokens per engine step).
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class StepTokenHistogram(msgspec.Struct):
+    """Tokens per engine step (prompt tokens computed + tokens generated), as histogram counts.
+
+    Kept in the core and sent whole with each snapshot: not every step sends outputs, so
+    the frontend could not observe each step itself; cumulative counts lose nothing."""
+
+    counts: list[int] = msgspec.field(default_factory=lambda: [0] * (len(ITERATION_TOKENS_BUCKETS) + 1))
+    total: int = 0  # the sum of all observations; counts[-1] is the +Inf bucket
+
+    def observe(self, num_tokens: int) -> None:
+        self.counts[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, num_tokens)] += 1
+        self.total += num_tokens
+
+    def snapshot(self) -> "StepTokenHistogram":
+        return StepTokenHistogram(list(self.counts), self.total)
+
+    def merged(self, other: "StepTokenHistogram") -> "StepTokenHistogram":
+        return StepTokenHistogram([a + b for a, b in zip(self.counts, other.counts)], self.total + other.total)
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
 
 
 class SchedulerStats(msgspec.Struct):
@@ -23,11 +52,16 @@ class SchedulerStats(msgspec.Struct):
     num_steps: int = 0
     num_allocated_blocks: int = 0     # block allocations so far (shared blocks count once)
     num_requests_received: int = 0    # requests the engine core has taken in so far
+    iteration_tokens: StepTokenHistogram = msgspec.field(default_factory=StepTokenHistogram)
+
+
+_SUMMED = tuple(f for f in SchedulerStats.__struct_fields__ if f not in ("kv_cache_usage", "iteration_tokens"))
 
 
 def sum_stats(stats: list[SchedulerStats]) -> SchedulerStats:
     """Totals over several engines (data parallelism); usage is blocks held over blocks in all."""
-    fields = SchedulerStats.__struct_fields__
-    total = SchedulerStats(**{f: sum(getattr(s, f) for s in stats) for f in fields if f != "kv_cache_usage"})
+    total = SchedulerStats(**{f: sum(getattr(s, f) for s in stats) for f in _SUMMED})
     total.kv_cache_usage = 1.0 - total.num_free_blocks / total.num_total_blocks if total.num_total_blocks else 0.0
+    for s in stats:
+        total.iteration_tokens = total.iteration_tokens.merged(s.iteration_tokens)
     return total

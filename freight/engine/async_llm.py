@@ -29,6 +29,7 @@ from typing import AsyncIterator, Callable, Optional, Union
 
 from freight.config import EngineConfig
 from freight.core.stats import SchedulerStats
+from freight.core.status import EngineCoreStatus
 from freight.engine.core_client import CoreClient, EngineDeadError, make_client
 from freight.engine.engine_router import EngineRouter
 from freight.engine.messages import EngineCoreOutputs
@@ -38,7 +39,7 @@ from freight.engine.request_stream import RequestStream, deliver
 from freight.engine.serving_log import StatsLogger, log_finished
 from freight.model_config import ModelConfig
 from freight.model_loader import resolve_model_dir
-from freight.outputs import RequestOutput
+from freight.outputs import EmbeddingRequestOutput, RequestOutput
 from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams
 from freight.tokenizer import eos_token_ids, load_tokenizer
@@ -103,6 +104,8 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._streams: dict[str, RequestStream] = {}  # requests whose consumer still listens
         self._router = EngineRouter(data_parallel_size)
+        # Each core's latest status snapshot (only sent while want_status is renewed: the status page).
+        self._engine_status: list[Optional[EngineCoreStatus]] = [None] * data_parallel_size
         self._stopping = False                         # refuse new requests
         self._exit = False
         self._dead: Optional[BaseException] = None
@@ -137,7 +140,7 @@ class AsyncLLM:
                                         "waiting; retry later")
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
-                    arrival_time: Optional[float] = None) -> RequestStream:
+                    arrival_time: Optional[float] = None, priority: int = 0) -> RequestStream:
         """Validate and queue a request; raises PromptError/ValueError (bad input), EngineOverloadedError,
         EngineShutdownError or EngineDeadError. Must be called on the event loop that consumes the stream."""
         text, ids = self.tokenize_prompt(prompt)
@@ -145,7 +148,7 @@ class AsyncLLM:
         stream = RequestStream(request_id, self, asyncio.get_running_loop(), len(ids))
         with self._lock:
             self._check_admission(request_id, sequence_ids(request_id, params))
-            req = self.processor.make_request(request_id, ids, params, arrival_time)
+            req = self.processor.make_request(request_id, ids, params, arrival_time, priority)
             self.output_processor.add_request(request_id, [req.request_id, *req.fork_ids], text, ids, params,
                                               req.arrival_time)
             self._streams[request_id] = stream
@@ -175,9 +178,9 @@ class AsyncLLM:
             stream.abort()
 
     async def generate(self, prompt: PromptInput, params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs; closing or cancelling the iterator aborts the request."""
-        stream = self.add_request(request_id, prompt, params)
+        stream = self.add_request(request_id, prompt, params, priority=priority)
         try:
             async for out in stream:
                 yield out
@@ -246,6 +249,19 @@ class AsyncLLM:
     def get_engine_stats(self) -> list[SchedulerStats]:
         return list(self._router.stats)
 
+    def want_status(self) -> None:
+        """Have every engine core send status snapshots for the next few seconds (core/status.py)."""
+        self.client.call_utility("want_status")
+
+    def get_engine_status(self) -> list[Optional[EngineCoreStatus]]:
+        """Each engine core's latest status snapshot (None until it has sent one)."""
+        return list(self._engine_status)
+
+    @property
+    def is_stopping(self) -> bool:
+        """True once shutdown has begun (long-lived streams such as the status page's end then)."""
+        return self._stopping
+
     @property
     def is_healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive()
@@ -272,6 +288,8 @@ class AsyncLLM:
         failed, deliveries = [], []
         with self._lock:
             self._router.record(outs)
+            if outs.status is not None:
+                self._engine_status[outs.engine_index] = outs.status
             normal = [o for o in outs.outputs if o.finish_reason != "error"]
             for o in outs.outputs:
                 rid = self.output_processor.owner(o.request_id)
@@ -297,10 +315,10 @@ class AsyncLLM:
         self._observe(outputs)
         deliver(deliveries)
 
-    def _observe(self, outputs: list[RequestOutput]) -> None:
+    def _observe(self, outputs: list[Union[RequestOutput, EmbeddingRequestOutput]]) -> None:
+        """Hand each output to the observers (metrics, status page) and log finished requests. Observers
+        get embedding outputs too (prompt tokens, latency), and skip what does not apply to them."""
         for out in outputs:
-            if not isinstance(out, RequestOutput):
-                continue  # embeddings: no tokens to count
             for observe in self.output_observers:
                 try:
                     observe(out)

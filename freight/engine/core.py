@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Optional
@@ -24,7 +25,8 @@ from freight.config import EngineConfig
 from freight.core.kv_cache_manager import KVCacheManager
 from freight.core.request import Request, RequestStatus
 from freight.core.scheduler import Scheduler, SchedulerConfig
-from freight.core.stats import SchedulerStats
+from freight.core.stats import SchedulerStats, StepTokenHistogram
+from freight.core.status import EngineCoreStatus, RecentSteps, StatusLease, build_status
 from freight.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreReady, EngineCoreRequest
 from freight.executor.executor import Executor
 from freight.model_config import ModelConfig
@@ -58,6 +60,7 @@ class EngineCore:
         self.config = config
         self.engine_index = engine_index
         self._num_received = 0  # requests taken in so far; the frontend counts those still in transit
+        self._iteration_tokens = StepTokenHistogram()  # tokens per step: vllm:iteration_tokens_total
         model_dir = resolve_model_dir(config.model, config.revision)
         self.model_config = ModelConfig.from_dir(model_dir)
         self.executor = Executor.create(config, model_dir, self.model_config)
@@ -69,8 +72,11 @@ class EngineCore:
             else max(self.max_model_len, DEFAULT_BATCHED_TOKENS))
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_batched, self.max_model_len,
-                                                   config.enable_chunked_prefill), self.kv_cache)
+                                                   config.enable_chunked_prefill, config.scheduling_policy),
+                                   self.kv_cache)
         self.model_dir = model_dir
+        self.recent_steps = RecentSteps()   # step times and batch sizes, for the status page
+        self.status_lease = StatusLease()   # renewed by want_status while a status page watches
         self._structured: Optional[StructuredOutputManager] = None
         self._mask_thread: Optional[ThreadPoolExecutor] = None
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d, max_num_batched_tokens %d",
@@ -92,7 +98,7 @@ class EngineCore:
         eos = frozenset(req.eos_token_ids)
         seqs = [Request(request_id=sid, prompt_token_ids=req.prompt_token_ids, sampling_params=params.for_sample(i),
                         max_tokens=req.max_tokens, eos_token_ids=eos, arrival_time=req.arrival_time,
-                        pooling_params=req.pooling_params)
+                        pooling_params=req.pooling_params, priority=req.priority)
                 for i, sid in enumerate([req.request_id, *req.fork_ids])]
         if params.structured_outputs is not None:
             grammar = self.structured_outputs(req.eos_token_ids).request(params.structured_outputs)
@@ -135,11 +141,16 @@ class EngineCore:
 
     # -- the step -----------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
+        started = time.perf_counter()
+        tokens_before = self.scheduler.num_computed_prompt_tokens + self.scheduler.num_generated_tokens
         sched_out = self.scheduler.schedule()
         mask_job = self._start_bitmask(sched_out)
         self.executor.execute_model(sched_out)
         runner_out = self.executor.sample_tokens(mask_job.result() if mask_job is not None else None)
         updated = self.scheduler.update_from_output(sched_out, runner_out)
+        step_tokens = self.scheduler.num_computed_prompt_tokens + self.scheduler.num_generated_tokens - tokens_before
+        if step_tokens:  # (idle steps, waiting on a grammar, are not iterations)
+            self._iteration_tokens.observe(step_tokens)
         if sched_out.is_empty and not updated:
             compiling = self.scheduler.compiling_grammars()
             if compiling:  # only grammars are pending: wait for one instead of spinning (inputs wait <= 50 ms)
@@ -153,12 +164,14 @@ class EngineCore:
                 runner_out.prompt_logprobs.get(req.request_id),
                 req.status.value if req.status.finished else None, req.stop_reason,
                 max(req.num_cached_tokens, 0), req.first_scheduled_time, req.error,
-                runner_out.pooler_output.get(req.request_id)))
+                runner_out.pooler_output.get(req.request_id), req.num_preemptions))
         seen = {r.request_id for r, _ in updated}
         for rid, lps in runner_out.prompt_logprobs.items():  # prompt chunks that sampled nothing yet
             if rid not in seen:
                 outputs.append(EngineCoreOutput(rid, [], [], new_prompt_logprobs=lps))
-        return EngineCoreOutputs(self.engine_index, outputs, self.make_stats())
+        self.recent_steps.record(time.perf_counter() - started, sched_out.total_num_scheduled_tokens,
+                                 len(sched_out.num_scheduled_tokens))
+        return EngineCoreOutputs(self.engine_index, outputs, self.make_stats(), self.due_status())
 
     def _start_bitmask(self, sched_out) -> Optional["Future[GrammarOutput]"]:
         """Fill the bitmask of the step's constrained rows on the helper thread (None: no such rows)."""
@@ -182,7 +195,20 @@ class EngineCore:
     def make_stats(self) -> SchedulerStats:
         stats = self.scheduler.make_stats()
         stats.num_requests_received = self._num_received
+        stats.iteration_tokens = self._iteration_tokens.snapshot()
         return stats
+
+    # -- the live status page (core/status.py) --------------------------------------
+    def want_status(self) -> None:
+        """A utility call: send status snapshots for the next LEASE_S seconds."""
+        self.status_lease.renew()
+
+    def make_status(self) -> EngineCoreStatus:
+        return build_status(self.engine_index, self.scheduler, self.kv_cache, self.recent_steps, self.make_stats())
+
+    def due_status(self) -> Optional[EngineCoreStatus]:
+        """A snapshot if one is wanted and due (at most every MIN_INTERVAL_S), else None."""
+        return self.make_status() if self.status_lease.take_due() else None
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache.reset_prefix_cache()

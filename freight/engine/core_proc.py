@@ -48,8 +48,9 @@ class EngineCoreProc:
                 return
             if self.core.has_unfinished_requests():
                 self._step()
-            elif self._stats_due:
-                self.emit(EngineCoreOutputs(self.core.engine_index, [], self.core.make_stats()))
+            elif self._stats_due:  # (a status page's want_status also gets its snapshot of the idle core here)
+                self.emit(EngineCoreOutputs(self.core.engine_index, [], self.core.make_stats(),
+                                            self.core.due_status()))
             self._stats_due = False
 
     def _process_inputs(self, block: bool) -> bool:

@@ -74,12 +74,12 @@ class LLMEngine:
         self.processor.validate_request(prompt_ids, params)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    arrival_time: Optional[float] = None) -> None:
+                    arrival_time: Optional[float] = None, priority: int = 0) -> None:
         if self.output_processor.in_use([request_id, *sequence_ids(request_id, params)]):
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
         self.validate_request(ids, params)
-        req = self.processor.make_request(request_id, ids, params, arrival_time)
+        req = self.processor.make_request(request_id, ids, params, arrival_time, priority)
         self.client.add_request(req, self._router.assign(request_id))
         self.output_processor.add_request(request_id, [req.request_id, *req.fork_ids], text, ids, params,
                                           req.arrival_time)
@@ -137,7 +137,9 @@ class LLMEngine:
         return self._router.total_stats()
 
     def reset_prefix_cache(self) -> bool:
-        """Forget the prefix cache; False if some cached blocks are still in use (one engine only)."""
+        """Forget the prefix cache of every engine core; False if cached blocks were still in use. Cores in
+        processes of their own (data or tensor parallelism) reset before any request sent after this call,
+        and this returns True without waiting for them."""
         if isinstance(self.client, InprocCoreClient):
             return self.engine_core.reset_prefix_cache()
         self.client.call_utility("reset_prefix_cache")

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import msgspec
 
 from freight.core.stats import SchedulerStats
+from freight.core.status import EngineCoreStatus
 from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams
 from freight.step_contract import LogprobsLists
@@ -30,6 +31,7 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     fork_ids: list[str] = []
     # A pooling (embedding) request: prefill only (max_tokens 0), answered with its pooled vector.
     pooling_params: Optional[PoolingParams] = None
+    priority: int = 0                 # lower is served earlier under the priority scheduling policy
 
 
 class EngineCoreOutput(msgspec.Struct, omit_defaults=True, array_like=True):
@@ -46,12 +48,14 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True, array_like=True):
     first_scheduled_time: Optional[float] = None          # time.monotonic(), the same clock in every process
     error: Optional[str] = None                           # why, with finish_reason "error"
     pooling_output: Optional[list[float]] = None          # a pooling request's vector (its final output)
+    num_preemptions: int = 0                              # times this sequence was preempted so far
 
 
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True, tag=True):
     engine_index: int = 0
     outputs: list[EngineCoreOutput] = []
     stats: Optional[SchedulerStats] = None
+    status: Optional[EngineCoreStatus] = None   # only while a status page watches (core/status.py)
 
 
 class EngineCoreReady(msgspec.Struct, tag=True):

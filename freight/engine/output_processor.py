@@ -34,6 +34,7 @@ class _SequenceState:
     stop_reason: int | str | None = None
     sent_chars: int = 0
     sent_tokens: int = 0
+    num_preemptions: int = 0  # the core's count for this sequence
 
     def check_stop_strings(self, params: SamplingParams, new_chars: int) -> bool:
         """Cut the text at the first stop string that the new characters complete."""
@@ -96,7 +97,7 @@ class OutputProcessor:
             seqs={sid: _SequenceState(
                 i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens))
                 for i, sid in enumerate(seq_ids)},
-            metrics=RequestMetrics(arrival_time=arrival_time))
+            metrics=RequestMetrics(arrival_time=arrival_time, n_param=params.n, max_tokens_param=params.max_tokens))
         for sid in seq_ids:
             self.seq_owner[sid] = request_id
 
@@ -130,6 +131,9 @@ class OutputProcessor:
             if o.new_prompt_logprobs is not None:
                 st.prompt_logprobs.extend(o.new_prompt_logprobs.to_dicts())
             seq = st.seqs[o.request_id]
+            if o.num_preemptions != seq.num_preemptions:
+                seq.num_preemptions = o.num_preemptions
+                st.metrics.num_preemptions = sum(s.num_preemptions for s in st.seqs.values())
             if o.new_token_ids and seq.finish_reason is None:
                 new_chars = self._add_tokens(st, seq, o, now)
                 if seq.check_stop_strings(st.params, new_chars):

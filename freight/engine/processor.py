@@ -2,7 +2,8 @@
 
 Tokenization and every check that depends on the engine (context length, vocabulary,
 max_num_seqs, max_logprobs) happen here, before anything reaches the engine core, so
-a bad request fails its caller and never a step.
+a bad request fails its caller and never a step. It also holds the model's sampling
+defaults (its generation config, see freight/generation_defaults.py) for the frontends.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Optional, Union
 
 from freight.config import EngineConfig
 from freight.engine.messages import EngineCoreRequest
+from freight.generation_defaults import diff_sampling_params, log_defaults
 from freight.pooling import PoolerConfig, load_pooler_config, resolve_pooling_params
 from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams, SamplingParamsError
@@ -40,6 +42,19 @@ class InputProcessor:
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self.max_model_len = max_model_len
+        # The sampling defaults requests get where they leave a field unset (the model's generation config).
+        self.default_sampling_params = diff_sampling_params(config.generation_config, model_dir,
+                                                            config.override_generation_config)
+        try:  # a bad value fails the start-up, not every request
+            self.get_default_sampling_params()
+        except SamplingParamsError as e:
+            raise ValueError(f"the generation config's sampling defaults are invalid: {e}") from None
+        log_defaults(self.default_sampling_params, config.generation_config,
+                     overridden=bool(config.override_generation_config))
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with this model's defaults (vLLM's LLM.get_default_sampling_params)."""
+        return SamplingParams(**self.default_sampling_params)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, dict):
@@ -99,14 +114,26 @@ class InputProcessor:
             raise PromptError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
 
     def make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     arrival_time: Optional[float] = None) -> EngineCoreRequest:
+                     arrival_time: Optional[float] = None, priority: int = 0) -> EngineCoreRequest:
         """The core's request for a validated prompt; its sequence ids are sequence_ids(request_id, params)."""
+        self.validate_priority(priority)
         seq_ids = sequence_ids(request_id, params)
+        # The core stops a sequence at max_model_len anyway; saying so here keeps the request honest.
+        room = self.max_model_len - len(prompt_ids)
         return EngineCoreRequest(
             request_id=seq_ids[0], prompt_token_ids=prompt_ids, sampling_params=params,
             eos_token_ids=self.eos_token_ids,
-            max_tokens=params.max_tokens if params.max_tokens is not None else self.max_model_len,
-            arrival_time=arrival_time if arrival_time is not None else time.monotonic(), fork_ids=seq_ids[1:])
+            max_tokens=min(params.max_tokens, room) if params.max_tokens is not None else room,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(), fork_ids=seq_ids[1:],
+            priority=priority)
+
+    def validate_priority(self, priority: int) -> None:
+        # As vLLM: a priority under fcfs would be silently ignored, so it is refused instead.
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise SamplingParamsError(f"priority must be an integer, got {priority!r}", "priority")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise SamplingParamsError(f"Got priority {priority} but Priority scheduling is not enabled.",
+                                      "priority")
 
     @property
     def pooler_config(self) -> PoolerConfig:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from freight.config import EngineConfig
 from freight.engine.llm_engine import LLMEngine, PromptType
+from freight.entrypoints.chat_template import load_chat_template
 from freight.outputs import EmbeddingRequestOutput, RequestOutput
 from freight.pooling_params import PoolingParams
 from freight.sampling_params import SamplingParams
@@ -37,7 +38,9 @@ class LLM:
                  enable_chunked_prefill: bool = True, device: str = "auto", revision: Optional[str] = None,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                  structured_outputs_config: Optional[dict] = None,
-                 distributed_executor_backend: Optional[str] = None, model_impl: str = "auto", **kwargs: Any):
+                 distributed_executor_backend: Optional[str] = None, model_impl: str = "auto",
+                 generation_config: str = "auto", override_generation_config: Optional[dict] = None,
+                 scheduling_policy: str = "fcfs", quantization: Optional[str] = None, **kwargs: Any):
         unknown = set(kwargs) - _IGNORED_VLLM_ARGS
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
@@ -48,7 +51,9 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             trust_remote_code=trust_remote_code, structured_outputs_config=structured_outputs_config,
             tensor_parallel_size=tensor_parallel_size, distributed_executor_backend=distributed_executor_backend,
-            model_impl=model_impl)
+            model_impl=model_impl, generation_config=generation_config,
+            override_generation_config=override_generation_config, scheduling_policy=scheduling_policy,
+            quantization=quantization)
         # tensor_parallel_size > 1: the model split over that many ranks (processes, or Ray actors with
         # distributed_executor_backend="ray"), the engine core in its own process as rank 0.
         # data_parallel_size > 1: that many engine-core processes, each with the whole model and its own
@@ -59,29 +64,44 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate() and chat() use without sampling_params: the model's generation config
+        (generation_config="auto"), else SamplingParams()'s own defaults."""
+        return self.llm_engine.processor.get_default_sampling_params()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (e.g. between benchmark runs); False if blocks were still in use."""
+        return self.llm_engine.reset_prefix_cache()
+
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Optional[Sequence[int]] = None) -> list[RequestOutput]:
+        """priority: one per prompt, lower first (needs scheduling_policy="priority", as in vLLM)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                  and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         # Tokenize and validate every request before queueing any, so one bad request leaves nothing behind.
         tokenized = [self.llm_engine.tokenize_prompt(p) for p in prompts]
         for (_, prompt_ids), sp in zip(tokenized, params):
             self.llm_engine.validate_request(prompt_ids, sp)
         ids = []
-        for (text, prompt_ids), sp in zip(tokenized, params):
+        for p in priorities:
+            self.llm_engine.processor.validate_priority(p)
+        for (text, prompt_ids), sp, p in zip(tokenized, params, priorities):
             rid = str(next(self._counter))
-            self.llm_engine.add_request(rid, {"prompt": text, "prompt_token_ids": prompt_ids}, sp)
+            self.llm_engine.add_request(rid, {"prompt": text, "prompt_token_ids": prompt_ids}, sp, priority=p)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
@@ -146,6 +166,7 @@ class LLM:
     def apply_chat_template(self, conversation: list[dict], chat_template: Optional[str] = None,
                             add_generation_prompt: bool = True, tools: Optional[list[dict]] = None) -> dict:
         tok = self.get_tokenizer()
+        chat_template = load_chat_template(chat_template)  # a file or the template itself
         if chat_template is None and not getattr(tok, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; pass chat_template=... or use generate()")
         text = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,

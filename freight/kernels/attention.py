@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import ctypes
-from functools import lru_cache
 from typing import Optional
 
 import torch
 
-from freight.kernels.build import c_function
+from freight.kernels.build import c_function, kernel_cache
 
 _I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _ARGTYPES = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _INT, _INT, _INT, _INT, _I64, _INT, _F32, _I64]
 _FUNCS = {torch.bfloat16: "paged_decode_bf16", torch.float32: "paged_decode_f32"}
 
 
-@lru_cache(maxsize=None)  # looked up for every layer of every step
+@kernel_cache  # looked up for every layer of every step
 def _decode_fn(dtype: torch.dtype):
     return c_function("paged_attention", _FUNCS[dtype], _ARGTYPES) if dtype in _FUNCS else None
 
@@ -48,14 +47,20 @@ _PREFILL_ARGTYPES = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _INT, _PTR, _I64,
                      _I64]
 
 
-@lru_cache(maxsize=None)
-def _prefill_fn():
-    fn = c_function("prefill_attention", "paged_prefill_bf16", _PREFILL_ARGTYPES)
+_PREFILL_FUNCS = {torch.bfloat16: "paged_prefill_bf16", torch.float32: "paged_prefill_f32"}
+
+
+@kernel_cache
+def _prefill_fn(dtype: torch.dtype):
+    if dtype not in _PREFILL_FUNCS:
+        return None
+    fn = c_function("prefill_attention", _PREFILL_FUNCS[dtype], _PREFILL_ARGTYPES)
     if fn is None:
         return None
-    # The library builds everywhere; it reports -3 on a CPU without AVX512_BF16.
-    z = torch.zeros(1, 32, dtype=torch.bfloat16)
-    cache = torch.zeros(1, 1, 16, 32, dtype=torch.bfloat16)
+    # The library builds everywhere; a function with no code for this ISA level reports -3
+    # (bf16: AVX512_BF16; float32: AVX2).
+    z = torch.zeros(1, 32, dtype=dtype)
+    cache = torch.zeros(1, 1, 16, 32, dtype=dtype)
     table, chunks = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([0, 1, 0], dtype=torch.int64)
     rc = fn(z.data_ptr(), 32, cache.data_ptr(), cache.data_ptr(), table.data_ptr(), 1, chunks.data_ptr(), 1,
             z.data_ptr(), 32, 1, 1, 32, 1, 16, 1.0, 0)
@@ -63,9 +68,10 @@ def _prefill_fn():
 
 
 def paged_prefill_available(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    # AVX-512 kernel: head_dim % 32, runs of 16 keys; AVX2 kernel: head_dim % 8, runs of 8 (both hold)
     dim, block_size = q.shape[-1], k_cache.shape[2]
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dim % 32 == 0 and dim <= 256
-            and block_size % 16 == 0 and _prefill_fn() is not None)
+    return (q.device.type == "cpu" and dim % 32 == 0 and dim <= 256 and block_size % 16 == 0
+            and _prefill_fn(q.dtype) is not None)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -80,8 +86,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     heads, num_blocks, block_size, _ = k_cache.shape
     if q.stride(2) != 1 or q.stride(1) != dim:
         q = q.contiguous()
-    rc = _prefill_fn()(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                       block_tables.stride(0), chunks.data_ptr(), chunks.shape[0], out.data_ptr(), out.stride(0),
-                       num_heads, heads, dim, num_blocks, block_size, scale, window or 0)
+    rc = _prefill_fn(q.dtype)(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                              block_tables.data_ptr(), block_tables.stride(0), chunks.data_ptr(), chunks.shape[0],
+                              out.data_ptr(), out.stride(0), num_heads, heads, dim, num_blocks, block_size, scale,
+                              window or 0)
     if rc != 0:
         raise RuntimeError(f"paged_prefill kernel failed ({rc}): heads {num_heads}/{heads}, dim {dim}")

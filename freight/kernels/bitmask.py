@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import ctypes
-from functools import lru_cache
 
 import numpy as np
 import torch
 
-from freight.kernels.build import c_function
+from freight.kernels.build import c_function, kernel_cache
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-@lru_cache(maxsize=None)
+@kernel_cache
 def _fn(dtype: torch.dtype):
     return c_function("bitmask", f"apply_bitmask_{_SUFFIX[dtype]}", [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64], None)
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import ctypes
-from functools import lru_cache
 from typing import Optional
 
 import torch
 
-from freight.kernels.build import c_function
+from freight.kernels.build import c_function, kernel_cache
 
 _I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -19,7 +18,7 @@ _SIGNATURES = {
 }
 
 
-@lru_cache(maxsize=None)
+@kernel_cache
 def _fn(name: str, dtype: torch.dtype):
     if dtype not in _SUFFIX:
         return None

@@ -249,11 +249,124 @@ DECODE_BF16_AVX512(decode_bf16_128_avx512, 128)
 #define HAVE_BF16_AVX512 1
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* AVX2+FMA, float32 arithmetic (float32 or bf16 storage; bf16 -> float32 is a 16-bit shift),
+ * keys taken 8 at a time (block_size a multiple of 8), the AVX-512 kernel's skeleton at 8 lanes:
+ * - scores: one FMA chain per key, then a hadd tree turns the 8 partial vectors into one
+ *   vector of 8 scores (no per-key horizontal sum); masked keys become -inf by blend;
+ * - softmax in float32 over whole runs;
+ * - values: each visible key's row scaled by its probability into float32 accumulators
+ *   (invisible rows are never read: a freed slot may hold NaN).
+ * The run two ahead is prefetched into L2, as above. */
+#define LOAD8_F32(p) _mm256_loadu_ps(p)
+#define LOAD8_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define STORE8_F32(p, v) _mm256_storeu_ps(p, v)
+#define STORE8_BF16(p, v) do { float t_[8]; _mm256_storeu_ps(t_, v); for (int e_ = 0; e_ < 8; e_++) (p)[e_] = f32_to_bf16(t_[e_]); } while (0)
+
+static inline __m256 sum8(const __m256 d[8]) {  /* lane j of the result = the sum of d[j]'s lanes */
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+#ifndef HAVE_BF16_AVX512
+static inline void prefetch_l2(const void *p, int bytes) {
+    for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T1);
+}
+#endif
+
+#define RUN8_ROW(BASE, r, HD) ((BASE) + (table[(r) * 8 / block_size] * block_size + (r) * 8 % block_size) * (HD))
+
+#define DECODE_AVX2(NAME, T, LOAD8, STORE8, HD)                                                    \
+static int NAME(ARGS(T)) {                                                                         \
+    enum { NC = (HD) / 8 };                                                                        \
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);                                            \
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);                                \
+    ITEMS_BEGIN(T, HD)                                                                             \
+            (void)n;  /* runs of 8 cover the visible keys: the key count is not needed */         \
+            const int64_t r0 = first / 8, r1 = (len + 7) / 8, nk = (r1 - r0) * 8;                 \
+            float *sc = scores;                                      /* [group][nk] */             \
+            __m256 qv[MAX_GROUP][NC];                                                              \
+            const __m256 vscale = _mm256_set1_ps(scale);                                           \
+            for (int g = 0; g < group; g++) {                                                      \
+                const T *qp = q + (int64_t)s * q_row_stride + (int64_t)(h * group + g) * (HD);     \
+                for (int c = 0; c < NC; c++) qv[g][c] = _mm256_mul_ps(LOAD8(qp + 8 * c), vscale); \
+            }                                                                                      \
+            for (int64_t r = r0; r < r1; r++) {                                                    \
+                const T *kb = RUN8_ROW(kh, r, HD);                                                 \
+                if (r + PREFETCH_AHEAD < r1) prefetch_l2(RUN8_ROW(kh, r + PREFETCH_AHEAD, HD), 8 * (HD) * (int)sizeof(T));\
+                const int j0 = r * 8 < first ? (int)(first - r * 8) : 0;                           \
+                const int j1 = r * 8 + 8 > len ? (int)(len - r * 8) : 8;                           \
+                const __m256 valid = _mm256_castsi256_ps(_mm256_and_si256(                         \
+                    _mm256_cmpgt_epi32(_mm256_set1_epi32(j1), lane),                               \
+                    _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(j0 - 1))));                         \
+                __m256 kv[8][NC];                                                                  \
+                for (int j = 0; j < 8; j++)                                                        \
+                    for (int c = 0; c < NC; c++) kv[j][c] = LOAD8(kb + j * (HD) + 8 * c);          \
+                for (int g = 0; g < group; g++) {                                                  \
+                    __m256 d[8];                                                                   \
+                    for (int j = 0; j < 8; j++) {                                                  \
+                        d[j] = _mm256_mul_ps(qv[g][0], kv[j][0]);                                  \
+                        for (int c = 1; c < NC; c++) d[j] = _mm256_fmadd_ps(qv[g][c], kv[j][c], d[j]);\
+                    }                                                                              \
+                    /* blend, not arithmetic: whatever masked slots hold never enters the sums */ \
+                    _mm256_storeu_ps(sc + g * nk + (r - r0) * 8, _mm256_blendv_ps(minus_inf, sum8(d), valid));\
+                }                                                                                  \
+            }                                                                                      \
+            float inv[MAX_GROUP];                                                                  \
+            for (int g = 0; g < group; g++) {                                                      \
+                float *sg = sc + g * nk, m = -INFINITY, sum = 0.f;                                 \
+                for (int64_t i = 0; i < nk; i++) m = sg[i] > m ? sg[i] : m;                        \
+                for (int64_t i = 0; i < nk; i++) { sg[i] = expf(sg[i] - m); sum += sg[i]; }        \
+                inv[g] = 1.f / sum;                                                                \
+            }                                                                                      \
+            __m256 acc[MAX_GROUP][NC];                                                             \
+            for (int g = 0; g < group; g++)                                                        \
+                for (int c = 0; c < NC; c++) acc[g][c] = _mm256_setzero_ps();                      \
+            for (int64_t r = r0; r < r1; r++) {                                                    \
+                const T *vb = RUN8_ROW(vh, r, HD);                                                 \
+                if (r + PREFETCH_AHEAD < r1) prefetch_l2(RUN8_ROW(vh, r + PREFETCH_AHEAD, HD), 8 * (HD) * (int)sizeof(T));\
+                const int j0 = r * 8 < first ? (int)(first - r * 8) : 0;                           \
+                const int j1 = r * 8 + 8 > len ? (int)(len - r * 8) : 8;                           \
+                for (int j = j0; j < j1; j++) {                                                    \
+                    __m256 vv[NC];                                                                 \
+                    for (int c = 0; c < NC; c++) vv[c] = LOAD8(vb + j * (HD) + 8 * c);             \
+                    const int64_t col = (r - r0) * 8 + j;                                          \
+                    for (int g = 0; g < group; g++) {                                              \
+                        const __m256 p = _mm256_broadcast_ss(sc + g * nk + col);                   \
+                        for (int c = 0; c < NC; c++) acc[g][c] = _mm256_fmadd_ps(p, vv[c], acc[g][c]);\
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            for (int g = 0; g < group; g++) {                                                      \
+                T *op = out + ((int64_t)s * num_heads + h * group + g) * (HD);                     \
+                const __m256 vi = _mm256_set1_ps(inv[g]);                                          \
+                for (int c = 0; c < NC; c++) STORE8(op + 8 * c, _mm256_mul_ps(acc[g][c], vi));     \
+            }                                                                                      \
+    ITEMS_END                                                                                      \
+}
+
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 2
+#endif
+DECODE_AVX2(decode_f32_64_avx2, float, LOAD8_F32, STORE8_F32, 64)
+DECODE_AVX2(decode_f32_128_avx2, float, LOAD8_F32, STORE8_F32, 128)
+#ifndef HAVE_BF16_AVX512  /* with AVX512_BF16 the kernel above takes bf16 */
+DECODE_AVX2(decode_bf16_64_avx2, uint16_t, LOAD8_BF16, STORE8_BF16, 64)
+DECODE_AVX2(decode_bf16_128_avx2, uint16_t, LOAD8_BF16, STORE8_BF16, 128)
+#endif
+#define HAVE_AVX2 1
+#endif
+
 int paged_decode_bf16(ARGS(uint16_t)) {
     if (num_heads / num_kv_heads > MAX_GROUP || head_dim > MAX_DIM) return -1;
 #ifdef HAVE_BF16_AVX512
     if (block_size % 16 == 0 && head_dim == 64) return decode_bf16_64_avx512(PARAMS);
     if (block_size % 16 == 0 && head_dim == 128) return decode_bf16_128_avx512(PARAMS);
+#elif defined(HAVE_AVX2)
+    if (block_size % 8 == 0 && head_dim == 64) return decode_bf16_64_avx2(PARAMS);
+    if (block_size % 8 == 0 && head_dim == 128) return decode_bf16_128_avx2(PARAMS);
 #endif
     if (head_dim == 64) return decode_bf16_64(PARAMS);
     if (head_dim == 128) return decode_bf16_128(PARAMS);
@@ -262,6 +375,10 @@ int paged_decode_bf16(ARGS(uint16_t)) {
 
 int paged_decode_f32(ARGS(float)) {
     if (num_heads / num_kv_heads > MAX_GROUP || head_dim > MAX_DIM) return -1;
+#ifdef HAVE_AVX2
+    if (block_size % 8 == 0 && head_dim == 64) return decode_f32_64_avx2(PARAMS);
+    if (block_size % 8 == 0 && head_dim == 128) return decode_f32_128_avx2(PARAMS);
+#endif
     if (head_dim == 64) return decode_f32_64(PARAMS);
     if (head_dim == 128) return decode_f32_128(PARAMS);
     return decode_f32_any(PARAMS);

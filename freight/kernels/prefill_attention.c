@@ -1,4 +1,5 @@
-/* Prefill attention straight from the paged KV cache: bfloat16, CPUs with AVX512_BF16.
+/* Prefill attention straight from the paged KV cache: bfloat16 with AVX512_BF16; float32 with
+ * AVX2+FMA (the second half of this file).
  *
  * The step's prefill chunks (their new K/V already written to the cache) attend causally to
  * their whole context, earlier chunks and prefix-cache hits included, with no gathered copy.
@@ -185,7 +186,176 @@ int paged_prefill_bf16(const uint16_t *q, int64_t q_row_stride, const uint16_t *
     free(offsets);
     return 0;
 }
-#else
+#define HAVE_PREFILL_BF16 1
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* AVX2+FMA, float32: the same design at 8 lanes. A work item is 16 query positions of one head,
+ * one per lane of two vectors; for each run of 8 keys the scores are FMAs of the item's
+ * transposed queries against each key's dims broadcast from the cache, the online softmax runs
+ * down the lanes, and the value sum is FMAs of the probabilities against each value dim
+ * broadcast. Two row vectors make each broadcast feed two FMAs (with one, loads were the limit). */
+enum { ROWS2 = 16, RUN8 = 8, MAX_DIM8 = 256 };
+static const float ZEROS8[MAX_DIM8];
+
+/* e^x, float32, relative error about 1e-7; exactly 0 below -87 (and for -inf) */
+static inline __m256 exp256(__m256 x) {
+    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    /* times 2^n: n + 127 into the exponent field (n is in [-126, 128) after the clamp) */
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
+typedef struct {
+    const float *q, *k_cache, *v_cache;
+    int64_t q_row_stride, out_row_stride, head_stride;
+    float *out;
+    int num_heads, group, dim, block_size;
+    float scale;
+    int64_t window;
+} Args8;
+
+/* one item: rows [row0, row0 + nrows) of a chunk whose first row sits at position pos0; rows
+ * 0-7 in the low vector (index 0), 8-15 in the high one (index 1) */
+static void attend_tile_avx2(const Args8 *a, const int64_t *table, int64_t q_row0, int64_t pos0, int nrows,
+                             int head) {
+    const int D = a->dim;
+    float qt[MAX_DIM8 * ROWS2];  /* [d][row], scaled */
+    float o[MAX_DIM8 * ROWS2];   /* [d][row], unnormalised output */
+    for (int d = 0; d < D; d++)
+        for (int r = 0; r < ROWS2; r++)
+            qt[d * ROWS2 + r] = r < nrows ? a->q[(q_row0 + r) * a->q_row_stride + (int64_t)head * D + d] * a->scale : 0.f;
+    memset(o, 0, sizeof(float) * D * ROWS2);
+    const int64_t last = pos0 + nrows - 1;  /* the last key any row sees */
+    const int64_t first = a->window > 0 && pos0 - a->window + 1 > 0 ? pos0 - a->window + 1 : 0;
+    const float *kh = a->k_cache + (int64_t)(head / a->group) * a->head_stride;
+    const float *vh = a->v_cache + (int64_t)(head / a->group) * a->head_stride;
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i pos[2] = {_mm256_add_epi32(_mm256_set1_epi32((int)pos0), lanes),
+                            _mm256_add_epi32(_mm256_set1_epi32((int)pos0 + 8), lanes)};
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+    __m256 m[2] = {minus_inf, minus_inf}, l[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+
+    for (int64_t run = first / RUN8; run <= last / RUN8; run++) {
+        const int64_t k0 = run * RUN8;
+        const int64_t row = table[k0 / a->block_size] * a->block_size + k0 % a->block_size;
+        /* keys past `last` are not written yet and may hold anything: zeros stand in for them */
+        const float *kr[RUN8], *vr[RUN8];
+        for (int j = 0; j < RUN8; j++) {
+            const int live = k0 + j <= last;
+            kr[j] = live ? kh + (row + j) * D : ZEROS8;
+            vr[j] = live ? vh + (row + j) * D : ZEROS8;
+        }
+        /* scores, 16 rows x 4 keys at a time: each broadcast key value feeds two FMAs */
+        __m256 s[2][RUN8];
+        for (int j0 = 0; j0 < RUN8; j0 += 4) {
+            __m256 lo[4], hi[4];
+            for (int j = 0; j < 4; j++) lo[j] = hi[j] = _mm256_setzero_ps();
+            for (int d = 0; d < D; d++) {
+                const __m256 q0 = _mm256_loadu_ps(qt + d * ROWS2), q1 = _mm256_loadu_ps(qt + d * ROWS2 + 8);
+                for (int j = 0; j < 4; j++) {
+                    const __m256 kk = _mm256_broadcast_ss(kr[j0 + j] + d);
+                    lo[j] = _mm256_fmadd_ps(q0, kk, lo[j]);
+                    hi[j] = _mm256_fmadd_ps(q1, kk, hi[j]);
+                }
+            }
+            for (int j = 0; j < 4; j++) s[0][j0 + j] = lo[j], s[1][j0 + j] = hi[j];
+        }
+        __m256 corr[2];
+        for (int v = 0; v < 2; v++) {
+            __m256 mx = minus_inf;
+            for (int j = 0; j < RUN8; j++) {
+                const __m256i kpos = _mm256_set1_epi32((int)(k0 + j));
+                __m256i vis = _mm256_andnot_si256(_mm256_cmpgt_epi32(kpos, pos[v]), _mm256_set1_epi32(-1));
+                if (a->window > 0)
+                    vis = _mm256_and_si256(vis, _mm256_cmpgt_epi32(kpos, _mm256_sub_epi32(pos[v], _mm256_set1_epi32((int)a->window))));
+                s[v][j] = _mm256_blendv_ps(minus_inf, s[v][j], _mm256_castsi256_ps(vis));
+                mx = _mm256_max_ps(mx, s[v][j]);
+            }
+            const __m256 m_new = _mm256_max_ps(m[v], mx);
+            /* a row that has seen no key yet keeps m = -inf; subtract 0 there instead (p is 0 anyway) */
+            const __m256 m_use = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, minus_inf, _CMP_EQ_OQ));
+            corr[v] = exp256(_mm256_sub_ps(m[v], m_use));
+            m[v] = m_new;
+            __m256 sum = _mm256_setzero_ps();
+            for (int j = 0; j < RUN8; j++) {
+                s[v][j] = exp256(_mm256_sub_ps(s[v][j], m_use));
+                sum = _mm256_add_ps(sum, s[v][j]);
+            }
+            l[v] = _mm256_fmadd_ps(l[v], corr[v], sum);
+        }
+        /* values, 16 rows x 4 dims at a time: each broadcast value feeds two FMAs */
+        for (int d0 = 0; d0 < D; d0 += 4) {
+            __m256 lo[4], hi[4];
+            for (int dd = 0; dd < 4; dd++) {
+                lo[dd] = _mm256_mul_ps(_mm256_loadu_ps(o + (d0 + dd) * ROWS2), corr[0]);
+                hi[dd] = _mm256_mul_ps(_mm256_loadu_ps(o + (d0 + dd) * ROWS2 + 8), corr[1]);
+            }
+            for (int j = 0; j < RUN8; j++)
+                for (int dd = 0; dd < 4; dd++) {
+                    const __m256 vv = _mm256_broadcast_ss(vr[j] + d0 + dd);
+                    lo[dd] = _mm256_fmadd_ps(s[0][j], vv, lo[dd]);
+                    hi[dd] = _mm256_fmadd_ps(s[1][j], vv, hi[dd]);
+                }
+            for (int dd = 0; dd < 4; dd++) {
+                _mm256_storeu_ps(o + (d0 + dd) * ROWS2, lo[dd]);
+                _mm256_storeu_ps(o + (d0 + dd) * ROWS2 + 8, hi[dd]);
+            }
+        }
+    }
+    float inv[ROWS2];
+    _mm256_storeu_ps(inv, _mm256_div_ps(_mm256_set1_ps(1.f), l[0]));
+    _mm256_storeu_ps(inv + 8, _mm256_div_ps(_mm256_set1_ps(1.f), l[1]));
+    for (int r = 0; r < nrows; r++) {
+        float *dst = a->out + (q_row0 + r) * a->out_row_stride + (int64_t)head * D;
+        for (int d = 0; d < D; d++) dst[d] = o[d * ROWS2 + r] * inv[r];
+    }
+}
+
+int paged_prefill_f32(const float *q, int64_t q_row_stride, const float *k_cache, const float *v_cache,
+                      const int64_t *block_tables, int64_t table_stride, const int64_t *chunks, int num_chunks,
+                      float *out, int64_t out_row_stride, int num_heads, int num_kv_heads, int head_dim,
+                      int64_t num_blocks, int block_size, float scale, int64_t window) {
+    if (head_dim % 8 || head_dim > MAX_DIM8 || block_size % RUN8 || num_heads % num_kv_heads) return -1;
+    const Args8 a = {q, k_cache, v_cache, q_row_stride, out_row_stride, (int64_t)num_blocks * block_size * head_dim,
+                     out, num_heads, num_heads / num_kv_heads, head_dim, block_size, scale, window};
+    int64_t *offsets = malloc(sizeof(int64_t) * (size_t)(num_chunks + 1));  /* first item of each chunk */
+    if (!offsets) return -2;
+    offsets[0] = 0;
+    for (int c = 0; c < num_chunks; c++)
+        offsets[c + 1] = offsets[c] + (chunks[3 * c + 1] + ROWS2 - 1) / ROWS2 * num_heads;
+    _Pragma("omp parallel for schedule(dynamic, 1)")
+    for (int64_t item = 0; item < offsets[num_chunks]; item++) {
+        int c = 0;
+        while (offsets[c + 1] <= item) c++;
+        const int64_t rel = item - offsets[c], tiles = (chunks[3 * c + 1] + ROWS2 - 1) / ROWS2;
+        const int64_t tile = tiles - 1 - rel / num_heads;  /* longest first */
+        const int head = (int)(rel % num_heads);
+        const int64_t row0 = tile * ROWS2, left = chunks[3 * c + 1] - row0;
+        attend_tile_avx2(&a, block_tables + (int64_t)c * table_stride, chunks[3 * c] + row0, chunks[3 * c + 2] + row0,
+                         left < ROWS2 ? (int)left : ROWS2, head);
+    }
+    free(offsets);
+    return 0;
+}
+#define HAVE_PREFILL_F32 1
+#endif
+
+/* the functions this ISA level has no code for: the caller keeps SDPA */
+#ifndef HAVE_PREFILL_BF16
 int paged_prefill_bf16(const uint16_t *q, int64_t q_row_stride, const uint16_t *k_cache, const uint16_t *v_cache,
                        const int64_t *block_tables, int64_t table_stride, const int64_t *chunks, int num_chunks,
                        uint16_t *out, int64_t out_row_stride, int num_heads, int num_kv_heads, int head_dim,
@@ -193,6 +363,17 @@ int paged_prefill_bf16(const uint16_t *q, int64_t q_row_stride, const uint16_t *
     (void)q; (void)q_row_stride; (void)k_cache; (void)v_cache; (void)block_tables; (void)table_stride;
     (void)chunks; (void)num_chunks; (void)out; (void)out_row_stride; (void)num_heads; (void)num_kv_heads;
     (void)head_dim; (void)num_blocks; (void)block_size; (void)scale; (void)window;
-    return -3;  /* no AVX512_BF16 here: the caller keeps SDPA */
+    return -3;
+}
+#endif
+#ifndef HAVE_PREFILL_F32
+int paged_prefill_f32(const float *q, int64_t q_row_stride, const float *k_cache, const float *v_cache,
+                      const int64_t *block_tables, int64_t table_stride, const int64_t *chunks, int num_chunks,
+                      float *out, int64_t out_row_stride, int num_heads, int num_kv_heads, int head_dim,
+                      int64_t num_blocks, int block_size, float scale, int64_t window) {
+    (void)q; (void)q_row_stride; (void)k_cache; (void)v_cache; (void)block_tables; (void)table_stride;
+    (void)chunks; (void)num_chunks; (void)out; (void)out_row_stride; (void)num_heads; (void)num_kv_heads;
+    (void)head_dim; (void)num_blocks; (void)block_size; (void)scale; (void)window;
+    return -3;
 }
 #endif

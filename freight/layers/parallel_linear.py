@@ -51,6 +51,8 @@ class ColumnParallelLinear(Linear):
     as (units, unit_size), e.g. Q/K/V as heads of head_dim, gate/up as channels of 1; each shard
     is split on its own, so a rank holds its heads of Q, of K and of V side by side."""
 
+    quantizable = True  # quantize_linear_weights quantizes each rank's slice after loading
+
     def __init__(self, in_features: int, shards: list[tuple[int, int]], bias: bool):
         tp = get_tp_group()
         self.splits = [split_units(units, tp.world_size, tp.rank) for units, _ in shards]
@@ -70,6 +72,8 @@ class ColumnParallelLinear(Linear):
 
 class RowParallelLinear(Linear):
     """Input features split over ranks (in `units` of `unit_size`); the partial outputs are summed."""
+
+    quantizable = True
 
     def __init__(self, units: int, unit_size: int, out_features: int, bias: bool):
         self.tp = get_tp_group()

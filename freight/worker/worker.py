@@ -45,18 +45,18 @@ class Worker:
         if distributed is not None:
             init_tensor_parallel(rank, distributed)
         t0 = time.perf_counter()
-        self.model = load_model(model_dir, model_config, self.dtype, self.device, config.model_impl)
+        self.model = load_model(model_dir, model_config, self.dtype, self.device, config.model_impl,
+                                config.quantization)
         logger.info("loaded %s (%s, %s%s) in %.2fs: %.1f MiB of weights", model_dir, self.dtype, self.device,
                     f", rank {rank} of {self.tp_size}" if self.tp_size > 1 else "", time.perf_counter() - t0,
                     self.weight_bytes() / 2**20)
         self.model_runner: ModelRunner | None = None
 
     def weight_bytes(self) -> int:
-        """Bytes of this rank's weights (a tied head counted once; a packed linear at its logical size)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        """Bytes of this rank's weights (a tied head counted once; a packed linear at its logical size,
+        an int8 one at its int8 size)."""
         total = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return total + sum(m.in_features * m.out_features * elem for m in self.model.modules()
-                           if isinstance(m, Linear) and m.weight.numel() == 0)
+        return total + sum(m.held_weight_bytes() for m in self.model.modules() if isinstance(m, Linear))
 
     def kv_bytes_per_block(self) -> int:
         return kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype, self.tp_size)

@@ -27,12 +27,14 @@ from typing import Optional
 import uvicorn
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from freight import __version__
 from freight.engine.async_llm import AsyncLLM
 from freight.config import parse_size
+from freight.entrypoints.chat_template import load_chat_template
 from freight.entrypoints.openai.errors import APIError, install_error_handlers
 from freight.entrypoints.openai.preprocess import PromptPreparer
 from freight.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -43,13 +45,15 @@ from freight.entrypoints.openai.serving_chat import OpenAIServingChat
 from freight.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from freight.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from freight.entrypoints.openai.serving_tokenize import OpenAIServingTokenization
+from freight.entrypoints.openai.status_page import PAGE_PATHS, mount_status_page
 from freight.metrics import CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "freight-default"  # the served name of the bundled model
 # Reachable without the API key: load balancers and Prometheus do not hold it (as in vLLM).
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
+# The status page's HTML holds no data (its /status/* data endpoints need the key).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"}) | PAGE_PATHS
 
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024**2
@@ -61,8 +65,15 @@ class ServerSettings:
     model_path: str
     api_key: Optional[str] = None
     trust_request_chat_template: bool = False
+    chat_template: Optional[str] = None  # --chat-template, loaded and parsed
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_parsers: ChatParsers = field(default_factory=ChatParsers)
+    # CORS, as vLLM's flags (and defaults): every origin, method and header, no credentials.
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    root_path: str = ""  # the prefix a path-stripping proxy serves the API under
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_path: str) -> "ServerSettings":
@@ -73,8 +84,14 @@ class ServerSettings:
         body = getattr(args, "max_request_body_size", None)
         return cls(served_model_names=list(names), model_path=model_path, api_key=resolve_api_key(args),
                    trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
+                   chat_template=load_chat_template(getattr(args, "chat_template", None)),
                    max_request_body_bytes=parse_size(body) if body is not None else DEFAULT_MAX_BODY_BYTES,
-                   chat_parsers=chat_parsers_from_args(args))
+                   chat_parsers=chat_parsers_from_args(args),
+                   allowed_origins=list(getattr(args, "allowed_origins", ["*"])),
+                   allowed_methods=list(getattr(args, "allowed_methods", ["*"])),
+                   allowed_headers=list(getattr(args, "allowed_headers", ["*"])),
+                   allow_credentials=bool(getattr(args, "allow_credentials", False)),
+                   root_path=getattr(args, "root_path", None) or "")
 
 
 def chat_parsers_from_args(args: argparse.Namespace) -> ChatParsers:
@@ -159,9 +176,10 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     """The app around a running AsyncLLM; `args` is the serve Namespace or a ServerSettings."""
     settings = args if isinstance(args, ServerSettings) else ServerSettings.from_args(args, async_llm.config.model)
     names = settings.served_model_names
-    metrics = ServerMetrics(names[0], async_llm.get_engine_stats)
+    metrics = ServerMetrics.for_engine(names[0], async_llm)
     async_llm.output_observers.append(metrics.observe)
-    prep = PromptPreparer(async_llm.prep_tokenizer, async_llm.max_model_len, settings.trust_request_chat_template)
+    prep = PromptPreparer(async_llm.prep_tokenizer, async_llm.max_model_len, settings.trust_request_chat_template,
+                          chat_template=settings.chat_template)
     completion = OpenAIServingCompletion(async_llm, names, prep)
     chat = OpenAIServingChat(async_llm, names, prep, parsers=settings.chat_parsers)
     tokenization = OpenAIServingTokenization(async_llm, names, prep)
@@ -173,13 +191,18 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
         async_llm.begin_shutdown()  # idempotent; the owner joins the engine thread
         prep.close()
 
-    app = FastAPI(title="freight", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="freight", version=__version__, lifespan=lifespan, root_path=settings.root_path)
     app.state.async_llm = async_llm
     app.state.metrics = metrics
     install_error_handlers(app)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    # Added last, so outermost: it answers a browser's preflight (OPTIONS carries no API key) and puts
+    # its headers on every response, errors (401, 413) included, so the page can read them.
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                       allow_methods=settings.allowed_methods, allow_headers=settings.allowed_headers,
+                       allow_credentials=settings.allow_credentials)
 
     @app.get("/health")
     async def health() -> Response:
@@ -198,6 +221,8 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    mount_status_page(app, async_llm)  # /, /status, /status/events, /status/snapshot
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -218,6 +243,12 @@ def build_app(async_llm: AsyncLLM, args) -> FastAPI:
     @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
         return await chat.create(request, raw)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        """vLLM's: forget the prefix cache of every engine core (behind the API key, like the API)."""
+        async_llm.reset_prefix_cache()
+        return Response(status_code=200)
 
     @app.post("/v1/embeddings", responses=_ERROR_RESPONSES)
     async def embeddings(request: EmbeddingRequest, raw: Request) -> Response:
@@ -303,10 +334,14 @@ def run_server(args: argparse.Namespace) -> int:
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                        access_log=not args.disable_uvicorn_access_log,
                                        timeout_graceful_shutdown=args.graceful_shutdown_timeout,
-                                       timeout_keep_alive=5),
+                                       timeout_keep_alive=5, ssl_keyfile=args.ssl_keyfile,
+                                       ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+                                       ssl_cert_reqs=args.ssl_cert_reqs),
                          async_llm, drain_timeout=args.graceful_shutdown_timeout)
-        logger.info("serving %s as %s on http://%s:%d%s%s", config.model, ", ".join(settings.served_model_names),
-                    args.host, args.port, " (API key required)" if settings.api_key else "",
+        scheme = "https" if args.ssl_certfile else "http"
+        logger.info("serving %s as %s on %s://%s:%d%s%s%s", config.model, ", ".join(settings.served_model_names),
+                    scheme, args.host, args.port, settings.root_path,
+                    " (API key required)" if settings.api_key else "",
                     f" with {args.data_parallel_size} engine cores" if args.data_parallel_size > 1 else "")
         server.run()
     finally:

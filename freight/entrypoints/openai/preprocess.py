@@ -63,8 +63,9 @@ def max_token_bytes(tokenizer) -> int:
 
 class PromptPreparer:
     def __init__(self, tokenizer, max_model_len: int, trust_request_chat_template: bool = False,
-                 render_time_limit: float = RENDER_TIME_LIMIT_S):
+                 render_time_limit: float = RENDER_TIME_LIMIT_S, chat_template: Optional[str] = None):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template  # the server's (--chat-template), trusted as the model's own is
         self.max_model_len = max_model_len
         self.trust_request_chat_template = trust_request_chat_template
         self.render_time_limit = render_time_limit
@@ -96,9 +97,10 @@ class PromptPreparer:
                               code="chat_template_not_allowed")
 
         def work() -> tuple[str, list[int]]:
-            call = lambda: render_chat(self.tokenizer, messages, chat_template, **kwargs)  # noqa: E731
+            template = chat_template if chat_template is not None else self.chat_template
+            call = lambda: render_chat(self.tokenizer, messages, template, **kwargs)  # noqa: E731
             if chat_template is None:
-                return call()  # the model's own template is trusted
+                return call()  # the model's own template (or the server's) is trusted
             try:
                 return call_with_time_limit(call, self.render_time_limit)
             except RenderTimeout as e:

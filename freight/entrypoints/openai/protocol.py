@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 class InvalidUnicodeError(ValueError):
@@ -71,15 +71,49 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # vLLM: usage in every chunk
 
 
+class PromptTokenUsageInfo(_Response):
+    cached_tokens: Optional[int] = None  # prompt tokens found in the prefix cache (not computed again)
+
+
 class UsageInfo(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokenUsageInfo] = None
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> UsageInfo:
+    details = PromptTokenUsageInfo(cached_tokens=cached_tokens) if cached_tokens is not None else None
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+                     total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
+
+
+class RequestTimeline(_Response):
+    """freight's extension, sent when a request sets "return_timeline": true. Times in seconds;
+    arrival_time is Unix time; a phase the request never reached (aborted) is null."""
+
+    arrival_time: float
+    queue_time: Optional[float] = None       # arrival -> first scheduled
+    prefill_time: Optional[float] = None     # first scheduled -> first token
+    decode_time: Optional[float] = None      # first token -> last token
+    inference_time: Optional[float] = None   # first scheduled -> last token (prefill + decode)
+    e2e_time: Optional[float] = None         # arrival -> finished
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0
+
+
+class _WithTimeline(_Response):
+    """A response that may carry the timeline: the key is left out unless the request asked for it."""
+
+    timeline: Optional[RequestTimeline] = None
+
+    @model_serializer(mode="wrap")
+    def _omit_timeline_unless_asked(self, handler):
+        data = handler(self)
+        timeline = data.pop("timeline", None)
+        if timeline is not None:
+            data["timeline"] = timeline  # last: after the fields OpenAI defines
+        return data
 
 
 # -- /v1/completions --------------------------------------------------------------
@@ -106,6 +140,8 @@ class CompletionRequest(_Request):
     response_format: Optional[dict[str, Any]] = None  # as on chat (vLLM accepts it on completions too)
     # vLLM extensions that the server itself handles
     add_special_tokens: bool = True
+    priority: int = 0  # lower is served earlier (needs --scheduling-policy priority)
+    return_timeline: bool = False  # freight's: the response carries the request's timeline
 
 
 class CompletionLogProbs(_Response):
@@ -124,7 +160,7 @@ class CompletionChoice(_Response):
     prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
 
 
-class CompletionResponse(_Response):
+class CompletionResponse(_WithTimeline):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -163,8 +199,10 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
+    priority: int = 0  # lower is served earlier (needs --scheduling-policy priority)
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    return_timeline: bool = False  # freight's: the response carries the request's timeline
 
 
 class ChatLogProb(_Response):
@@ -221,7 +259,7 @@ class ChatCompletionChoice(_Response):
     stop_reason: Union[int, str, None] = None
 
 
-class ChatCompletionResponse(_Response):
+class ChatCompletionResponse(_WithTimeline):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -245,7 +283,7 @@ class ChatCompletionStreamChoice(_Response):
     stop_reason: Union[int, str, None] = None
 
 
-class ChatCompletionStreamResponse(_Response):
+class ChatCompletionStreamResponse(_WithTimeline):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))

@@ -21,10 +21,11 @@ from freight.entrypoints.openai.errors import APIError, bad_request
 from freight.entrypoints.openai.logprobs import TokenStrings, chat_logprobs
 from freight.entrypoints.openai.protocol import (ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
                                                  ChatCompletionStreamChoice, ChatCompletionStreamResponse,
-                                                 ChatLogProbs, ChatMessage, DeltaMessage, usage)
+                                                 ChatLogProbs, ChatMessage, DeltaMessage, RequestTimeline, usage)
 from freight.entrypoints.openai.serving_engine import (MAX_LOGPROBS, SSE_DONE, OpenAIServing, SSEResponse,
-                                                       check_common, extra_values, final_outputs, random_id, sse,
-                                                       sse_error, to_sampling_params, until_disconnect)
+                                                       check_common, extra_values, final_outputs, random_id,
+                                                       request_timeline, sse, sse_error, to_sampling_params,
+                                                       until_disconnect)
 from freight.entrypoints.openai.structured import constraint_errors_named, take_constraint
 from freight.entrypoints.openai.tool_calls import ToolPlan, plan_tools, template_messages_tool_calls
 from freight.sampling_params import SamplingParams
@@ -161,7 +162,8 @@ class OpenAIServingChat(OpenAIServing):
             # Without a limit a chat reply may fill the rest of the context (OpenAI's and vLLM's default).
             params = self._sampling_params(req, plan, default_max_tokens=self.engine.max_model_len - len(ids))
             self.check_context(len(ids), params.max_tokens, "messages")
-            streams = self.add_requests(request_id, [(text, ids)], params, prompt_param="messages")
+            streams = self.add_requests(request_id, [(text, ids)], params, prompt_param="messages",
+                                        priority=req.priority)
         if req.stream:
             return SSEResponse(self._stream(req, plan, request_id, ids, params, streams[0]),
                                on_close=streams[0].abort)
@@ -184,8 +186,8 @@ class OpenAIServingChat(OpenAIServing):
     def _sampling_params(self, req: ChatCompletionRequest, plan: ToolPlan,
                          default_max_tokens: int) -> SamplingParams:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:
-            max_tokens = default_max_tokens
+        if max_tokens is None:  # the rest of the context, or less if the generation config says so (as vLLM)
+            max_tokens = min(default_max_tokens, self.default_sampling_params.get("max_tokens", default_max_tokens))
         values = dict(n=req.n, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                       temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
                       max_tokens=max_tokens, logit_bias=req.logit_bias)
@@ -208,7 +210,7 @@ class OpenAIServingChat(OpenAIServing):
         elif plan.choice == "auto" and self.parsers.tool_parser.keeps_special_tokens:
             values.setdefault("skip_special_tokens", False)  # its call marker is a special token
         try:
-            return to_sampling_params(values)
+            return to_sampling_params(values, self.default_sampling_params)
         except APIError as e:
             if e.param == "max_tokens" and req.max_completion_tokens is not None:
                 e.param = "max_completion_tokens"  # name the field the client sent
@@ -235,7 +237,9 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs=self._logprobs(req, strings, c.token_ids, c.logprobs or []),
                 finish_reason=parser.finish_reason(c.finish_reason), stop_reason=c.stop_reason))
         resp = ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                      usage=usage(len(prompt_ids), sum(len(c.token_ids) for c in out.outputs)))
+                                      usage=usage(len(prompt_ids), sum(len(c.token_ids) for c in out.outputs),
+                                                  out.num_cached_tokens),
+                                      timeline=request_timeline([out]) if req.return_timeline else None)
         return Response(resp.model_dump_json(), media_type="application/json")
 
     async def _stream(self, req: ChatCompletionRequest, plan: ToolPlan, request_id: str, prompt_ids: list[int],
@@ -244,12 +248,13 @@ class OpenAIServingChat(OpenAIServing):
         include_usage = bool(opts and opts.include_usage)
         continuous = bool(opts and opts.continuous_usage_stats)
         created = int(time.time())
-        generated = 0
+        generated, cached, final = 0, 0, None
 
-        def chunk(choices: list[ChatCompletionStreamChoice], with_usage: bool = False) -> str:
+        def chunk(choices: list[ChatCompletionStreamChoice], with_usage: bool = False,
+                  timeline: Optional[RequestTimeline] = None) -> str:
             return sse(ChatCompletionStreamResponse(
                 id=request_id, created=created, model=self.model_name, choices=choices,
-                usage=usage(len(prompt_ids), generated) if with_usage else None))
+                usage=usage(len(prompt_ids), generated, cached) if with_usage else None, timeline=timeline))
 
         strings = [TokenStrings(self.tokenizer, prompt_ids, params.skip_special_tokens) for _ in range(params.n)]
         parsers = [ChoiceParser(plan, self.parsers, self.tokenizer, req.chat_template_kwargs) for _ in range(params.n)]
@@ -260,6 +265,7 @@ class OpenAIServingChat(OpenAIServing):
                             include_usage and continuous)
             async for out in stream:
                 generated = sum(len(c.token_ids) for c in out.outputs)
+                cached, final = out.num_cached_tokens, out
                 for pos, c in enumerate(out.outputs):
                     if done[c.index]:
                         continue
@@ -277,8 +283,8 @@ class OpenAIServingChat(OpenAIServing):
                         logprobs=self._logprobs(req, strings[c.index], new_ids, lps),
                         finish_reason=parser.finish_reason(c.finish_reason), stop_reason=c.stop_reason)],
                         include_usage and continuous)
-            if include_usage:
-                yield chunk([], True)
+            if include_usage or req.return_timeline:  # the last chunk: usage, and the timeline when asked
+                yield chunk([], include_usage, request_timeline([final]) if req.return_timeline and final else None)
         except Exception as e:
             yield sse_error(e)
         finally:

@@ -15,8 +15,8 @@ from freight.entrypoints.openai.protocol import (CompletionChoice, CompletionLog
                                                  CompletionResponse, usage)
 from freight.entrypoints.openai.serving_engine import (MAX_LOGPROBS, MAX_N, MAX_PROMPTS, SSE_DONE, OpenAIServing,
                                                        SSEResponse, check_common, extra_values, final_outputs,
-                                                       merge_streams, random_id, sse, sse_error, to_sampling_params,
-                                                       until_disconnect)
+                                                       merge_streams, random_id, request_timeline, sse, sse_error,
+                                                       to_sampling_params, until_disconnect)
 from freight.engine.request_stream import RequestStream
 from freight.outputs import CompletionOutput, RequestOutput
 from freight.entrypoints.openai.structured import constraint_errors_named, take_constraint
@@ -54,7 +54,7 @@ class OpenAIServingCompletion(OpenAIServing):
             self.check_context(len(ids), params.max_tokens)
         request_id = random_id("cmpl")
         with constraint_errors_named(req):
-            streams = self.add_requests(request_id, prompts, params)
+            streams = self.add_requests(request_id, prompts, params, priority=req.priority)
         if req.stream:
             return SSEResponse(self._stream(req, request_id, prompts, params, streams),
                                on_close=lambda: [s.abort() for s in streams])
@@ -78,7 +78,7 @@ class OpenAIServingCompletion(OpenAIServing):
             values["prompt_logprobs"] = req.logprobs
         values.update(extras)
         take_constraint(values, req.response_format)
-        return to_sampling_params(values)
+        return to_sampling_params(values, self.default_sampling_params)
 
     async def _prompts(self, req: CompletionRequest) -> list[Prompt]:
         p = req.prompt
@@ -125,7 +125,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(self._choice(req, i * params.n + c.index, prompts[i], params, out, c))
                 completion_tokens += len(c.token_ids)
         resp = CompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                  usage=usage(sum(len(ids) for _, ids in prompts), completion_tokens))
+                                  usage=usage(sum(len(ids) for _, ids in prompts), completion_tokens,
+                                              sum(out.num_cached_tokens for out in finals)),
+                                  timeline=request_timeline(finals) if req.return_timeline else None)
         return Response(resp.model_dump_json(), media_type="application/json")
 
     def _choice(self, req: CompletionRequest, index: int, prompt: Prompt, params: SamplingParams,
@@ -150,11 +152,15 @@ class OpenAIServingCompletion(OpenAIServing):
         continuous = bool(opts and opts.continuous_usage_stats)
         created = int(time.time())
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
-        generated = [0] * len(prompts)
+        generated, cached = [0] * len(prompts), [0] * len(prompts)
+        finals: list[RequestOutput] = []
         states: dict[int, _StreamedChoice] = {}
         try:
             async for i, out in merge_streams(streams):
                 generated[i] = sum(len(c.token_ids) for c in out.outputs)
+                cached[i] = out.num_cached_tokens
+                if out.finished:
+                    finals.append(out)
                 for pos, c in enumerate(out.outputs):
                     index = i * params.n + c.index
                     st = states.get(index)
@@ -185,11 +191,14 @@ class OpenAIServingCompletion(OpenAIServing):
                         id=request_id, created=created, model=self.model_name,
                         choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
                                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason)],
-                        usage=usage(num_prompt_tokens, sum(generated)) if include_usage and continuous else None)
+                        usage=usage(num_prompt_tokens, sum(generated), sum(cached)) if include_usage and continuous
+                        else None)
                     yield sse(chunk)
-            if include_usage:
-                yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[],
-                                             usage=usage(num_prompt_tokens, sum(generated))))
+            if include_usage or req.return_timeline:  # the last chunk: usage, and the timeline when asked
+                yield sse(CompletionResponse(
+                    id=request_id, created=created, model=self.model_name, choices=[],
+                    usage=usage(num_prompt_tokens, sum(generated), sum(cached)) if include_usage else None,
+                    timeline=request_timeline(finals) if req.return_timeline else None))
         except Exception as e:
             yield sse_error(e)
         finally:

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
@@ -21,6 +22,8 @@ from freight.engine.async_llm import (AsyncLLM, EngineDeadError, EngineOverloade
 from freight.engine.llm_engine import PromptError
 from freight.entrypoints.openai.errors import APIError, bad_request
 from freight.entrypoints.openai.preprocess import PromptPreparer
+from freight.entrypoints.openai.protocol import RequestTimeline
+from freight.generation_defaults import apply_defaults
 from freight.outputs import RequestOutput
 from freight.sampling_params import SamplingParams, SamplingParamsError
 
@@ -37,11 +40,11 @@ NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "parallel_to
 # Values of parameters that mean "feature off": accepted even when SamplingParams lacks the field.
 _NEUTRAL: dict[str, Any] = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                             "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "logit_bias": {},
-                            "priority": 0, "use_beam_search": False, "stop": [], "ignore_eos": False}
+                            "use_beam_search": False, "stop": [], "ignore_eos": False}
 # Known OpenAI/vLLM parameters freight does not implement: a 400 says so (others: "unrecognized").
 _KNOWN_UNSUPPORTED = frozenset({
     "use_beam_search", "length_penalty", "early_stopping", "truncate_prompt_tokens", "allowed_token_ids",
-    "bad_words", "priority", "logits_processors", "mm_processor_kwargs",
+    "bad_words", "logits_processors", "mm_processor_kwargs",
     "documents", "return_tokens_as_token_ids", "kv_transfer_params", "vllm_xargs", "prompt_embeds", "suffix",
     "tools", "tool_choice", "functions", "function_call", "audio", "modalities",
     "prediction", "reasoning_effort", "web_search_options", "min_p", "presence_penalty", "frequency_penalty",
@@ -58,12 +61,14 @@ def sampling_param_names() -> set[str]:
     return {f.name for f in dataclasses.fields(SamplingParams) if f.init}
 
 
-def to_sampling_params(values: dict[str, Any]) -> SamplingParams:
+def to_sampling_params(values: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> SamplingParams:
     """SamplingParams from request values (None = not given: the default applies).
 
-    Every name SamplingParams accepts is passed through; anything else is a 400 that
-    names the parameter, unless its value means "off".
+    defaults (the model's generation config) fill what the request left unset; then
+    SamplingParams' own. Every name SamplingParams accepts is passed through; anything
+    else is a 400 that names the parameter, unless its value means "off".
     """
+    apply_defaults(values, defaults or {})
     accepted = sampling_param_names()
     kwargs = {}
     for name, value in values.items():
@@ -136,6 +141,8 @@ class OpenAIServing:
         self.served_model_names = served_model_names
         self.prep = prep
         self.tokenizer = engine.tokenizer  # the event loop's own: small decodes (logprob strings) only
+        # The model's generation config: what a request gets for the sampling fields it leaves unset.
+        self.default_sampling_params: dict[str, Any] = engine.processor.default_sampling_params
 
     @property
     def model_name(self) -> str:
@@ -151,20 +158,22 @@ class OpenAIServing:
             raise bad_request(f"This model's maximum context length is {limit} tokens. However, your {what} is "
                               f"{num_prompt_tokens} tokens long, which leaves no room for a completion. Please "
                               f"reduce the length of the {what}.", param=what, code="context_length_exceeded")
-        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+        clamped = self.engine.config.clamp_max_tokens  # then the engine stops the sequence at the limit
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit and not clamped:
             raise bad_request(f"This model's maximum context length is {limit} tokens. However, you requested "
                               f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {what}, "
                               f"{max_tokens} in the completion). Please reduce the length of the {what} or "
                               "completion.", param="max_tokens", code="context_length_exceeded")
 
     def add_requests(self, request_id: str, prompts: list[tuple[Optional[str], list[int]]],
-                     params: SamplingParams, prompt_param: str = "prompt") -> list[RequestStream]:
+                     params: SamplingParams, prompt_param: str = "prompt", priority: int = 0) -> list[RequestStream]:
         """Queue one engine request per prompt; all or none (a failure aborts those already queued)."""
         streams: list[RequestStream] = []
         try:
             for i, (text, ids) in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                streams.append(self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": ids}, params))
+                streams.append(self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": ids}, params,
+                                                       priority=priority))
         except Exception as e:
             for s in streams:
                 s.abort()
@@ -244,6 +253,20 @@ async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
         for s in streams:
             s.abort()
     return finals  # type: ignore[return-value]
+
+
+def request_timeline(finals: list[RequestOutput]) -> Optional[RequestTimeline]:
+    """The timeline of a response (return_timeline): its request's, or with several prompts the one
+    that finished last (it bounds the response's latency)."""
+    out = max(finals, key=lambda o: (o.metrics.finished_time or 0.0) if o.metrics else 0.0)
+    m = out.metrics
+    if m is None:
+        return None
+    to_unix = time.time() - time.monotonic()  # the engine's times are on the monotonic clock
+    return RequestTimeline(arrival_time=m.arrival_time + to_unix, queue_time=m.queue_time,
+                           prefill_time=m.prefill_time, decode_time=m.decode_time,
+                           inference_time=m.inference_time, e2e_time=m.e2e_time,
+                           num_preemptions=m.num_preemptions, num_cached_tokens=out.num_cached_tokens)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
