@@ -134,6 +134,21 @@ def iterate_weights(model_dir: Path) -> Iterator[tuple[str, _LazyTensor]]:
                 yield name, _LazyTensor(st, name)
 
 
+def build_empty(cls: type, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """cls(cfg) built on the meta device in dtype (no init work), then given uninitialised storage on
+    device, for the weights to fill; tied weights are tied again (to_empty gives each name its own)."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    return model
+
+
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                model_impl: str = "auto", quantization: Optional[str] = None) -> nn.Module:
     """model_impl: "freight" (freight's own class), "transformers" (the Transformers backend) or "auto"
@@ -148,16 +163,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
             raise ValueError(f"quantization={quantization!r} needs freight's own model class (model_impl='freight'); "
                              f"the Transformers backend runs {cfg.architecture} unquantized")
         return load_transformers_model(model_dir, cfg, dtype, device)
-    cls = resolve_model_class(cfg.architecture)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = cls(cfg)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model.to_empty(device=device)
-    model.tie_weights()  # to_empty gives each name its own storage
+    model = build_empty(resolve_model_class(cfg.architecture), cfg, dtype, device)
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
             m.build_cache(device)

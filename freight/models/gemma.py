@@ -31,7 +31,7 @@ from freight.layers.parallel_linear import (ColumnParallelLinear, ParallelLMHead
                                             VocabParallelEmbedding)
 from freight.layers.rotary import RotaryEmbedding, RotaryStep
 from freight.model_config import ModelConfig
-from freight.models.llama import Attention
+from freight.models.llama import Attention, LlamaForCausalLM
 
 
 class GemmaRMSNorm(nn.Module):
@@ -157,12 +157,8 @@ class Gemma2ForCausalLM(nn.Module):
         self.rotary_local = (RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, l_theta, l_scaling)
                              if self.gemma3 else None)
 
-    def tie_weights(self) -> None:
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def checkpoint_name(self, name: str) -> str:
-        return name.removeprefix("model.")
+    tie_weights = LlamaForCausalLM.tie_weights
+    checkpoint_name = LlamaForCausalLM.checkpoint_name
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,

@@ -40,7 +40,7 @@ from freight.layers.parallel_linear import (CheckpointTensor, ColumnParallelLine
                                             VocabParallelEmbedding, _copy)
 from freight.layers.rotary import RotaryEmbedding, RotaryStep, rope_type_of
 from freight.model_config import ModelConfig
-from freight.models.llama import MLP, Attention, DecoderLayer
+from freight.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM
 
 
 class FusedColumnParallelLinear(ColumnParallelLinear):
@@ -134,12 +134,8 @@ class Phi3ForCausalLM(nn.Module):
         self.tie_weights()
         self.rotary = RotaryEmbedding(rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, scaling)
 
-    def tie_weights(self) -> None:
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def checkpoint_name(self, name: str) -> str:
-        return name.removeprefix("model.")
+    tie_weights = LlamaForCausalLM.tie_weights
+    checkpoint_name = LlamaForCausalLM.checkpoint_name
 
     def rope_rows(self, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Rows of the rotary tables: with longrope, the long-factor rows for every token of a
@@ -167,5 +163,4 @@ class Phi3ForCausalLM(nn.Module):
         x, _ = self.norm(x[logits_indices], residual[logits_indices])
         return x  # final-normed hidden rows; compute_logits makes their logits
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    compute_logits = LlamaForCausalLM.compute_logits

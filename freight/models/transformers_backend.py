@@ -193,17 +193,9 @@ class TransformersForCausalLM(nn.Module):
 
 def load_transformers_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype,
                             device: torch.device) -> TransformersForCausalLM:
-    from freight.model_loader import iterate_weights
+    from freight.model_loader import build_empty, iterate_weights
 
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = TransformersForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model.to_empty(device=device)
-    model.tie_weights()
+    model = build_empty(TransformersForCausalLM, cfg, dtype, device)
     hf = model.model
     # Non-persistent buffers (rotary inv_freq, embedding scales...) are not in the checkpoint: to_empty left
     # them uninitialised. The model's own _init_weights recomputes them (it randomises the parameters of
