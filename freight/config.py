@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
+
+if TYPE_CHECKING:
+    from freight.spec_decode.config import SpeculativeConfig
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -74,8 +77,14 @@ class EngineConfig:
     # vLLM's --scheduling-policy: "fcfs" (arrival order) or "priority" (by each request's priority, lower
     # first, then arrival; the running request with the largest of those is preempted first).
     scheduling_policy: str = "fcfs"
+    # vLLM's --speculative-config: {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": ...,
+    # "prompt_lookup_min": ..., "disable_by_batch_size": ...} (a JSON string or a dict); None: no speculation.
+    speculative_config: Union[None, str, dict, "SpeculativeConfig"] = None
 
     def __post_init__(self) -> None:
+        from freight.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         from freight.generation_defaults import check_generation_config_arg

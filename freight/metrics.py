@@ -90,6 +90,14 @@ class _EngineStatsCollector(Collector):
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
                       lambda s: s.num_preemptions)
         yield self._iteration_tokens(per_engine)
+        if any(s.spec_decoding.accepted_per_pos for s in per_engine):  # speculative decoding is configured
+            yield counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.",
+                          lambda s: s.spec_decoding.num_drafts)
+            yield counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.",
+                          lambda s: s.spec_decoding.num_draft_tokens)
+            yield counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                          lambda s: s.spec_decoding.num_accepted_tokens)
+            yield self._accepted_per_pos(per_engine)
         if self.cache_config:
             yield self._cache_config_info()
         # freight's own: the block counts behind kv_cache_usage_perc (a leak shows as free < total at rest).
@@ -107,6 +115,14 @@ class _EngineStatsCollector(Collector):
                 cumulative += n
                 buckets.append(("+Inf" if bound == float("inf") else str(float(bound)), cumulative))
             f.add_metric([self.model_name, str(i)], buckets, sum_value=h.total)
+        return f
+
+    def _accepted_per_pos(self, per_engine: list[SchedulerStats]) -> CounterMetricFamily:
+        f = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position.",
+                                labels=["model_name", "engine", "position"])
+        for i, s in enumerate(per_engine):
+            for pos, n in enumerate(s.spec_decoding.accepted_per_pos):
+                f.add_metric([self.model_name, str(i), str(pos)], n)
         return f
 
     def _cache_config_info(self) -> GaugeMetricFamily:

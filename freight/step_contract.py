@@ -55,7 +55,8 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     scheduled_cached_reqs: list[CachedRequestData] = []
     num_scheduled_tokens: dict[str, int] = {}    # req id -> tokens to run this step (0 for a fork)
     total_num_scheduled_tokens: int = 0
-    # Draft tokens to verify per request (speculative decoding); none today.
+    # Draft tokens to verify per request (speculative decoding): they follow its last token as inputs
+    # (counted in num_scheduled_tokens), each with a logits row.
     scheduled_spec_decode_tokens: dict[str, list[int]] = {}
     finished_req_ids: list[str] = []             # since the previous step: the runner drops their state
     block_copies: list[tuple[int, int]] = []     # (src, dst), done before the forward
@@ -99,7 +100,7 @@ class LogprobsLists(msgspec.Struct, array_like=True):
 
 class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     req_ids: list[str] = []                       # the rows that sampled this step
-    sampled_token_ids: list[list[int]] = []       # per row; several once speculation lands
+    sampled_token_ids: list[list[int]] = []       # per row: the accepted drafts, then one token of its own
     sampled_logprobs: list[list[float]] = []      # logprob of each sampled token (raw distribution)
     logprobs: dict[str, LogprobsLists] = {}       # rows whose request asked for logprobs
     prompt_logprobs: dict[str, LogprobsLists] = {}  # this step's prompt positions, per request

@@ -45,6 +45,18 @@ def test_throughput_structured_output(stories_dir, tmp_path):
     assert r["grammar_compiles"] == 1 and r["grammar_compile_ms_median"] > 0
 
 
+def test_spec_decode_bench(tmp_path):
+    """The bundled code model on input-grounded prompts: drafts are accepted and outputs match."""
+    r = bench(tmp_path, "spec-decode", "--batch-sizes", "1,2", "--input-len", "64", "--output-len", "24",
+              "--rounds", "1", *ENGINE)
+    assert r["workload"] == "grounded" and r["speculative_config"]["method"] == "ngram"
+    assert [row["batch_size"] for row in r["results"]] == [1, 2]
+    for row in r["results"]:
+        assert row["identical_outputs"] is True  # float32: token-identical to no speculation
+        assert 0 < row["acceptance_rate"] <= 1 and row["mean_accepted_per_draft"] > 0
+        assert row["base_output_tokens_per_s"] > 0 and row["spec_output_tokens_per_s"] > 0
+
+
 def test_bitmask(tmp_path):
     r = bench(tmp_path, "bitmask", "--rows", "3", "--vocab-size", "100", "--iters", "2")
     for key in ("xgrammar_ms_half", "freight_ms_half", "freight_torch_ms_sparse"):

@@ -1,4 +1,4 @@
-"""`freight bench throughput | latency | serve | soak` (flags follow `vllm bench`)."""
+"""`freight bench throughput | latency | serve | spec-decode | soak` (flags follow `vllm bench`)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,13 @@ def add_parser(subparsers) -> None:
     s.add_argument("--result-filename", default=None, help="file name for --save-result instead of vLLM's")
     add_dataset_args(s)
     s.set_defaults(func=_run("serve"))
+
+    sp = sub.add_parser("spec-decode", help="n-gram speculative decoding vs none, alternating in one process: "
+                                            "tokens/s, acceptance, identical outputs")
+    from freight.benchmarks.spec_decode import add_arguments as add_spec_args
+    add_spec_args(sp)
+    add_engine_args(sp)
+    sp.set_defaults(func=_run("spec_decode"))
 
     b = sub.add_parser("bitmask", help="applying a grammar's token bitmask to logits: freight vs xgrammar")
     b.add_argument("--rows", type=int, default=32)

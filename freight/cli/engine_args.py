@@ -46,6 +46,11 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                    help="quantize a float checkpoint's attention/MLP weights as it loads: int8 (weight-only, "
                         "per-output-channel scales; less weight memory, faster CPU decode at small batches: "
                         "docs/performance.md)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s shape: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' drafts from the request\'s own context, '
+                        "verified in one forward (output unchanged); off while more than disable_by_batch_size "
+                        "requests are in the engine")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
                    help="fcfs: requests in arrival order; priority: by each request's 'priority' (lower first, "
                         "then arrival), and the running request with the largest is preempted first")
@@ -98,4 +103,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         override_generation_config=args.override_generation_config,
         clamp_max_tokens=getattr(args, "clamp_max_tokens", False),
         scheduling_policy=getattr(args, "scheduling_policy", "fcfs"),
-        quantization=getattr(args, "quantization", None))
+        quantization=getattr(args, "quantization", None),
+        speculative_config=getattr(args, "speculative_config", None))

@@ -17,6 +17,13 @@ The decision goes out as a plain-data SchedulerOutput (freight.step_contract): a
 request the runner has not seen is sent whole once, afterwards only its new blocks.
 The runner's ModelRunnerOutput comes back to update_from_output.
 
+With speculative decoding (n-gram), a running decode is scheduled for 1 + K tokens: its last
+token and K drafts proposed from its own context (scheduled_spec_decode_tokens). The drafts get KV
+slots but never enter the request's tokens; once the runner has verified them, num_computed_tokens
+steps back over the rejected ones, whose slots the next step overwrites. Drafts are dropped before
+anyone is preempted for them, and none are proposed while more than disable_by_batch_size requests
+are in the engine, or for requests with structured outputs.
+
 A request with structured outputs waits (without holding up the queue behind it) until
 its grammar has compiled; each sampled token then advances its matcher, and a grammar
 that has accepted a stop token ends the sequence with "stop".
@@ -32,7 +39,9 @@ from typing import Iterable, Optional
 from freight.core.kv_cache_manager import KVCacheManager
 from freight.core.request import Request, RequestStatus
 from freight.core.request_queue import SchedulingPolicy, create_request_queue, priority_key
-from freight.core.stats import SchedulerStats
+from freight.core.stats import SchedulerStats, SpecDecodingStats
+from freight.spec_decode.config import SpeculativeConfig
+from freight.spec_decode.ngram_proposer import NgramProposer
 from freight.step_contract import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 
 
@@ -43,6 +52,7 @@ class SchedulerConfig:
     max_model_len: int
     enable_chunked_prefill: bool = True
     policy: SchedulingPolicy = SchedulingPolicy.FCFS
+    speculative: Optional[SpeculativeConfig] = None
 
     def __post_init__(self) -> None:
         self.policy = SchedulingPolicy(self.policy)
@@ -70,6 +80,10 @@ class Scheduler:
         self.num_computed_prompt_tokens = 0
         self.num_generated_tokens = 0
         self.num_steps = 0
+        spec = config.speculative
+        self.proposer = (NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens)
+                         if spec is not None else None)
+        self.spec_stats = SpecDecodingStats.empty(spec.num_speculative_tokens if spec is not None else 0)
 
     # -- queue management -------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -118,12 +132,18 @@ class Scheduler:
         self._finished_ids = []
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
+        speculate = (self.proposer is not None
+                     and len(self.running) + len(self.waiting) <= self.config.speculative.disable_by_batch_size)
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req, num_new):
+            drafts = self._propose(req, budget - 1) if speculate and num_new == 1 else []
+            while not self.kv.allocate_slots(req, num_new + len(drafts)):
+                if drafts:  # drafts never cost anyone a preemption
+                    drafts = []
+                    continue
                 victim = self.running.pop()  # the newest (fcfs) or the largest (priority, arrival)
                 self._preempt(victim)
                 out.num_preempted += 1
@@ -131,6 +151,9 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break
+            if drafts:
+                out.scheduled_spec_decode_tokens[req.request_id] = drafts
+                num_new += len(drafts)
             scheduled.append((req, num_new))
             budget -= num_new
             i += 1
@@ -148,6 +171,13 @@ class Scheduler:
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         out.block_copies = self.kv.take_pending_copies()
         return out
+
+    def _propose(self, req: Request, budget: int) -> list[int]:
+        """Drafts for a decode: never more than its max_tokens, the context or the budget leave room for."""
+        if req.structured is not None or req.pooling_params is not None:
+            return []  # (a draft would need the grammar's mask per position)
+        room = min(req.max_tokens - len(req.output_token_ids), self.config.max_model_len - req.num_tokens) - 1
+        return self.proposer.propose(req.all_token_ids, min(room, budget))
 
     def _admit_waiting(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
         compiling: list[Request] = []  # skipped this step, keep their places
@@ -296,10 +326,16 @@ class Scheduler:
             self.running.remove(req)
             self._free(req, RequestStatus.FINISHED_STOPPED)
             updated.append((req, 0))
+        drafts_of = out.scheduled_spec_decode_tokens
         for rid, tokens in zip(result.req_ids, result.sampled_token_ids):
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue
+            drafts = drafts_of.get(rid)
+            if drafts and tokens:
+                # The runner returns the accepted drafts and one token of its own: step back over the rest.
+                self.spec_stats.observe(len(drafts), len(tokens) - 1)
+                req.num_computed_tokens -= len(drafts) + 1 - len(tokens)
             kept = 0
             for tok in tokens:
                 req.append_token(tok)
@@ -342,4 +378,4 @@ class Scheduler:
             num_preemptions=self.num_preemptions, prefix_cache_queries=kv.prefix_stats.queries,
             prefix_cache_hits=kv.prefix_stats.hits, num_computed_prompt_tokens=self.num_computed_prompt_tokens,
             num_generated_tokens=self.num_generated_tokens, num_steps=self.num_steps,
-            num_allocated_blocks=kv.num_allocated_blocks)
+            num_allocated_blocks=kv.num_allocated_blocks, spec_decoding=self.spec_stats.snapshot())

@@ -38,6 +38,38 @@ class StepTokenHistogram(msgspec.Struct):
         return sum(self.counts)
 
 
+class SpecDecodingStats(msgspec.Struct):
+    """Speculative decoding totals (vLLM's vllm:spec_decode_* counters): drafts verified, their tokens,
+    the tokens accepted, and per draft position how often the draft was accepted up to there."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = msgspec.field(default_factory=list)  # one per speculative position
+
+    @classmethod
+    def empty(cls, num_speculative_tokens: int) -> "SpecDecodingStats":
+        return cls(accepted_per_pos=[0] * num_speculative_tokens)
+
+    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        for pos in range(num_accepted):
+            self.accepted_per_pos[pos] += 1
+
+    def snapshot(self) -> "SpecDecodingStats":
+        return SpecDecodingStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                                 list(self.accepted_per_pos))
+
+    def merged(self, other: "SpecDecodingStats") -> "SpecDecodingStats":
+        width = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
+        pad = lambda xs: xs + [0] * (width - len(xs))  # noqa: E731
+        return SpecDecodingStats(self.num_drafts + other.num_drafts, self.num_draft_tokens + other.num_draft_tokens,
+                                 self.num_accepted_tokens + other.num_accepted_tokens,
+                                 [a + b for a, b in zip(pad(self.accepted_per_pos), pad(other.accepted_per_pos))])
+
+
 class SchedulerStats(msgspec.Struct):
     num_running: int = 0
     num_waiting: int = 0
@@ -53,9 +85,11 @@ class SchedulerStats(msgspec.Struct):
     num_allocated_blocks: int = 0     # block allocations so far (shared blocks count once)
     num_requests_received: int = 0    # requests the engine core has taken in so far
     iteration_tokens: StepTokenHistogram = msgspec.field(default_factory=StepTokenHistogram)
+    spec_decoding: SpecDecodingStats = msgspec.field(default_factory=SpecDecodingStats)
 
 
-_SUMMED = tuple(f for f in SchedulerStats.__struct_fields__ if f not in ("kv_cache_usage", "iteration_tokens"))
+_SUMMED = tuple(f for f in SchedulerStats.__struct_fields__
+                if f not in ("kv_cache_usage", "iteration_tokens", "spec_decoding"))
 
 
 def sum_stats(stats: list[SchedulerStats]) -> SchedulerStats:
@@ -64,4 +98,5 @@ def sum_stats(stats: list[SchedulerStats]) -> SchedulerStats:
     total.kv_cache_usage = 1.0 - total.num_free_blocks / total.num_total_blocks if total.num_total_blocks else 0.0
     for s in stats:
         total.iteration_tokens = total.iteration_tokens.merged(s.iteration_tokens)
+        total.spec_decoding = total.spec_decoding.merged(s.spec_decoding)
     return total

@@ -31,7 +31,7 @@ from freight.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineC
 from freight.executor.executor import Executor
 from freight.model_config import ModelConfig
 from freight.model_loader import resolve_model_dir
-from freight.step_contract import GrammarOutput
+from freight.step_contract import GrammarOutput, LogprobsLists
 from freight.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class EngineCore:
             else max(self.max_model_len, DEFAULT_BATCHED_TOKENS))
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_batched, self.max_model_len,
-                                                   config.enable_chunked_prefill, config.scheduling_policy),
+                                                   config.enable_chunked_prefill, config.scheduling_policy,
+                                                   config.speculative_config),
                                    self.kv_cache)
         self.model_dir = model_dir
         self.recent_steps = RecentSteps()   # step times and batch sizes, for the status page
@@ -82,6 +83,8 @@ class EngineCore:
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d, max_num_batched_tokens %d",
                     num_blocks, config.block_size, num_blocks * self.executor.kv_bytes_per_block() / 2**20,
                     self.max_model_len, max_batched)
+        if config.speculative_config is not None:
+            logger.info("speculative decoding: %s", config.speculative_config.to_dict())
 
     @property
     def num_blocks(self) -> int:
@@ -160,7 +163,7 @@ class EngineCore:
         for req, n in updated:
             tokens, lps = sampled.get(req.request_id, ([], []))
             outputs.append(EngineCoreOutput(
-                req.request_id, tokens[:n], lps[:n], runner_out.logprobs.get(req.request_id),
+                req.request_id, tokens[:n], lps[:n], _first_rows(runner_out.logprobs.get(req.request_id), n),
                 runner_out.prompt_logprobs.get(req.request_id),
                 req.status.value if req.status.finished else None, req.stop_reason,
                 max(req.num_cached_tokens, 0), req.first_scheduled_time, req.error,
@@ -228,6 +231,13 @@ def _has_spare_core(device) -> bool:
     if device.type != "cpu":
         return True  # the host mostly waits on the device
     return len(os.sched_getaffinity(0)) > torch.get_num_threads()
+
+
+def _first_rows(logprobs: Optional[LogprobsLists], n: int) -> Optional[LogprobsLists]:
+    """The logprobs of the tokens a sequence kept (a stop among accepted drafts drops those after it)."""
+    if logprobs is None or len(logprobs.token_ids) <= n:
+        return logprobs
+    return LogprobsLists(logprobs.token_ids[:n], logprobs.logprobs[:n])
 
 
 def _min_tokens_banned(req: Request) -> list[int]:

@@ -135,33 +135,39 @@ class OutputProcessor:
                 seq.num_preemptions = o.num_preemptions
                 st.metrics.num_preemptions = sum(s.num_preemptions for s in st.seqs.values())
             if o.new_token_ids and seq.finish_reason is None:
-                new_chars = self._add_tokens(st, seq, o, now)
-                if seq.check_stop_strings(st.params, new_chars):
+                if self._add_tokens(st, seq, o, now):
                     stopped.append(o.request_id)
             if o.finish_reason is not None and seq.finish_reason is None:
                 seq.finish_reason, seq.stop_reason = o.finish_reason, o.stop_reason
         return self._outputs(touched, now) + pooled, stopped
 
-    def _add_tokens(self, st: _RequestState, seq: _SequenceState, o: EngineCoreOutput, now: float) -> int:
-        """Append a step's tokens and their text; returns how many characters the text grew by."""
-        seq.token_ids.extend(o.new_token_ids)
-        seq.cumulative_logprob += sum(o.new_sampled_logprobs)
-        if st.params.logprobs is not None and o.new_logprobs is not None:
-            seq.logprobs.extend(o.new_logprobs.to_dicts())
+    def _add_tokens(self, st: _RequestState, seq: _SequenceState, o: EngineCoreOutput, now: float) -> bool:
+        """Append a step's tokens and their text, one token at a time; True when a stop string ended the
+        sequence (the tokens after the one that completed it are dropped: a speculative step can bring
+        several)."""
+        params = st.params
+        rows = o.new_logprobs.to_dicts() if params.logprobs is not None and o.new_logprobs is not None else None
         # As in vLLM, the token that stopped the sequence (eos or stop_token_ids) adds no text
         # unless include_stop_str_in_output; it stays in token_ids.
-        stop_token = o.finish_reason == "stop" and not st.params.include_stop_str_in_output
-        delta = ""
+        stop_token = o.finish_reason == "stop" and not params.include_stop_str_in_output
+        last = len(o.new_token_ids) - 1
+        stopped = False
         for i, tok in enumerate(o.new_token_ids):
-            if not (stop_token and i == len(o.new_token_ids) - 1):
-                delta += seq.detokenizer.step(tok)
-        seq.text += delta
+            seq.token_ids.append(tok)
+            seq.cumulative_logprob += o.new_sampled_logprobs[i]
+            if rows is not None:
+                seq.logprobs.append(rows[i])
+            delta = "" if stop_token and i == last else seq.detokenizer.step(tok)
+            seq.text += delta
+            if seq.check_stop_strings(params, len(delta)):
+                stopped = True
+                break
         if st.metrics.first_token_time is None:
             st.metrics.first_token_time = now
             st.metrics.first_scheduled_time = o.first_scheduled_time
             st.num_cached_tokens = o.num_cached_tokens
         st.metrics.last_token_time = now
-        return len(delta)
+        return stopped
 
     def finish(self, request_id: str, reason: str = "abort") -> Optional[RequestOutput]:
         """End a request here (an abort, or an engine failure): its final output, None if unknown."""

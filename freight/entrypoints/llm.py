@@ -40,7 +40,8 @@ class LLM:
                  structured_outputs_config: Optional[dict] = None,
                  distributed_executor_backend: Optional[str] = None, model_impl: str = "auto",
                  generation_config: str = "auto", override_generation_config: Optional[dict] = None,
-                 scheduling_policy: str = "fcfs", quantization: Optional[str] = None, **kwargs: Any):
+                 scheduling_policy: str = "fcfs", quantization: Optional[str] = None,
+                 speculative_config: Optional[dict] = None, **kwargs: Any):
         unknown = set(kwargs) - _IGNORED_VLLM_ARGS
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
@@ -53,7 +54,7 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size, distributed_executor_backend=distributed_executor_backend,
             model_impl=model_impl, generation_config=generation_config,
             override_generation_config=override_generation_config, scheduling_policy=scheduling_policy,
-            quantization=quantization)
+            quantization=quantization, speculative_config=speculative_config)
         # tensor_parallel_size > 1: the model split over that many ranks (processes, or Ray actors with
         # distributed_executor_backend="ray"), the engine core in its own process as rank 0.
         # data_parallel_size > 1: that many engine-core processes, each with the whole model and its own

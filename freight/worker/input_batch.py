@@ -62,6 +62,7 @@ class InputBatch:
         for cached in out.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.num_computed_tokens = cached.num_computed_tokens
+            state.spec_token_ids = out.scheduled_spec_decode_tokens.get(cached.req_id, [])
             if cached.reset_block_ids:
                 state.block_ids = list(cached.new_block_ids)
             else:
@@ -172,12 +173,14 @@ class ModelInput:
     positions: torch.Tensor       # [T]
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # rows whose logits are needed: first the sampled rows, then prompt rows
-    sampling: list[CachedRequestState]  # the request each sampled row is for (forks repeat their parent's row)
+    # The request of each sampled row group (forks repeat their parent's row): 1 + len(its drafts) rows each.
+    sampling: list[CachedRequestState]
     prompt_rows: list[PromptRows]  # requests that want prompt logprobs, and where their rows are
     # Pooling requests' hidden rows, after every logit row (logits_indices[num_logit_rows:]):
     # the last prompt row (last-token pooling) or all of this chunk's rows (mean pooling).
     pooling_rows: list[PoolingRows] = field(default_factory=list)
     num_logit_rows: int = -1      # -1: every row of logits_indices
+    num_sampled_rows: int = 0     # logits rows of `sampling` (the prompt-logprob rows follow)
 
 
 def build_model_input(batch: InputBatch, out: SchedulerOutput, block_size: int,
@@ -198,7 +201,7 @@ def build_model_input(batch: InputBatch, out: SchedulerOutput, block_size: int,
     starts = ends - n
 
     ids = np.fromiter(chain.from_iterable(
-        s.token_ids[s.num_computed_tokens:s.num_computed_tokens + k] for s, k in zip(sched, n.tolist())),
+        s.input_token_ids(s.num_computed_tokens, k) for s, k in zip(sched, n.tolist())),
         dtype=np.int64, count=total)
     positions = np.arange(total, dtype=np.int64) - np.repeat(starts - c, n)
 
@@ -224,18 +227,21 @@ def build_model_input(batch: InputBatch, out: SchedulerOutput, block_size: int,
             table = prefill_tables[i - num_decodes, :-(-int(c[i] + n[i]) // block_size)]
         prefills.append(PrefillChunk(int(starts[i]), int(ends[i]), int(c[i]), table))
 
-    # A row samples when this step reaches its request's last token; forks take their parent's row.
+    # A row samples when this step reaches its request's last token (and its drafts, one row each);
+    # forks take their parent's row.
     sampling, logit_rows, last_row = [], [], {}
     for i, s in enumerate(sched):
-        if c[i] + n[i] == s.num_tokens and s.pooling_params is None:
-            last_row[s.req_id] = int(ends[i]) - 1
+        num_drafts = len(s.spec_token_ids)
+        if c[i] + n[i] == s.num_tokens + num_drafts and s.pooling_params is None:
+            last_row[s.req_id] = int(ends[i]) - 1 - num_drafts
             sampling.append(s)
-            logit_rows.append(last_row[s.req_id])
+            logit_rows.extend(range(last_row[s.req_id], int(ends[i])))
     for s in states:
         parent = s.fork_of
         if parent is not None and num_sched[s.req_id] == 0:
             sampling.append(s)
             logit_rows.append(last_row[parent])
+    num_sampled_rows = len(logit_rows)
     prompt_rows = []
     for i, s in enumerate(sched):
         if s.sampling_params.prompt_logprobs is None:
@@ -274,4 +280,5 @@ def build_model_input(batch: InputBatch, out: SchedulerOutput, block_size: int,
         prompt_rows=prompt_rows,
         pooling_rows=pooling_rows,
         num_logit_rows=num_logit_rows,
+        num_sampled_rows=num_sampled_rows,
     )

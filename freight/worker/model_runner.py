@@ -45,6 +45,15 @@ def _logprobs_lists(chosen: list[int], chosen_lp: list[float], top_ids, top_lps,
     return LogprobsLists(ids, lps)
 
 
+def _row_offsets(sampling: list[CachedRequestState]) -> list[int]:
+    """Where each request's sampled rows start in the logits: 1 + len(its drafts) rows each."""
+    offsets, row = [], 0
+    for s in sampling:
+        offsets.append(row)
+        row += 1 + len(s.spec_token_ids)
+    return offsets
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                  block_size: int, num_blocks: int, seed: int, max_num_seqs: int, max_model_len: int):
@@ -147,14 +156,16 @@ class ModelRunner:
             result.pooler_output, self._pooled = self._pooled, {}
         if inp is None:
             return result
-        n = len(inp.sampling)
+        n = inp.num_sampled_rows
+        offsets = _row_offsets(inp.sampling)
         constrained: list[int] = []
         if n and grammar is not None and grammar.req_ids:
             row_of = {s.req_id: i for i, s in enumerate(inp.sampling)}
             constrained = [row_of[rid] for rid in grammar.req_ids]
-            apply_token_bitmask(logits, grammar.array(), constrained)
+            # (constrained requests have no drafts: one row each)
+            apply_token_bitmask(logits, grammar.array(), [offsets[i] for i in constrained])
         if n:
-            self._sample(logits[:n], inp, result, constrained)
+            self._sample(logits[:n], inp.sampling, offsets, result, constrained)
         if inp.prompt_rows:
             self._prompt_logprobs(logits[n:], inp, result)
         for state in self.batch.reqs[:self.batch.num_reqs]:
@@ -162,27 +173,63 @@ class ModelRunner:
                 result.failed[state.req_id] = state.error
         return result
 
-    def _sample(self, logits: torch.Tensor, inp: ModelInput, result: ModelRunnerOutput,
-                constrained: list[int]) -> None:
-        states = inp.sampling
-        rows = [i for i, s in enumerate(states) if s.error is None]
+    def _sample(self, logits: torch.Tensor, states: list[CachedRequestState], offsets: list[int],
+                result: ModelRunnerOutput, constrained: list[int]) -> None:
+        """Sample every request's row; a request with drafts samples its rows in turn, going on while
+        the token sampled equals the draft fed at that position (speculative verification).
+
+        Sampling and then comparing is exact for any sampling parameters: each token is drawn from
+        the very distribution it would have had without drafts (penalties and min_tokens see the
+        tokens accepted before it), and a seeded request draws from its generator once per token,
+        as without speculation. Rejection is this draw landing elsewhere (probability 1 - p(draft)),
+        which is the rejection sampler's residual for a deterministic drafter."""
+        drafts = [s.spec_token_ids for s in states]
+        picked: dict[int, list[tuple]] = {i: [] for i, s in enumerate(states) if s.error is None}
+        alive = list(picked)
+        position = 0
+        while alive:
+            samples = self._sample_position(logits, states, alive, [offsets[i] + position for i in alive],
+                                            constrained if position == 0 else [])
+            for i, sample in zip(alive, samples):
+                if sample is not None:
+                    picked[i].append(sample)
+            alive = [i for i in alive if states[i].error is None and position < len(drafts[i])
+                     and picked[i][-1][0] == drafts[i][position]]
+            position += 1
+        for i, samples in picked.items():
+            s = states[i]
+            if s.error is not None or not samples:
+                continue
+            s.fork_of = None
+            result.req_ids.append(s.req_id)
+            result.sampled_token_ids.append([t for t, _, _, _ in samples])
+            result.sampled_logprobs.append([lp for _, lp, _, _ in samples])
+            k = s.sampling_params.logprobs
+            if k is not None:
+                result.logprobs[s.req_id] = _logprobs_lists(
+                    [t for t, _, _, _ in samples], [lp for _, lp, _, _ in samples],
+                    [ids for _, _, ids, _ in samples], [lps for _, _, _, lps in samples], [k] * len(samples))
+
+    def _sample_position(self, logits: torch.Tensor, states: list[CachedRequestState], rows: list[int],
+                         logit_rows: list[int], constrained: list[int]) -> list[Optional[tuple]]:
+        """One token for each of rows (from its logits row): (token, logprob, top ids, top logprobs),
+        or None where that request's sampling failed (it alone fails; greedy rows give the same tokens)."""
         try:
-            self._sample_rows(logits, states, rows, result, constrained)
+            return self._sample_rows(logits, states, rows, logit_rows, constrained)
         except Exception:
-            # One request's parameters must not fail the others: sample the rows one by one and
-            # fail only those that raise (greedy rows give the very same tokens).
-            for i in rows:
+            samples = []
+            for i, r in zip(rows, logit_rows):
                 try:
-                    self._sample_rows(logits, states, [i], result, constrained)
+                    samples.extend(self._sample_rows(logits, states, [i], [r], constrained))
                 except Exception as e:
                     logger.exception("sampling failed for request %s", states[i].req_id)
                     states[i].error = f"sampling failed: {type(e).__name__}: {e}"
+                    samples.append(None)
+            return samples
 
     def _sample_rows(self, logits: torch.Tensor, states: list[CachedRequestState], rows: list[int],
-                     result: ModelRunnerOutput, constrained: list[int]) -> None:
-        """Sample the given rows; result and states change only once everything has succeeded."""
-        if not rows:
-            return
+                     logit_rows: list[int], constrained: list[int]) -> list[tuple]:
+        """Sample the given rows; states change only once everything has succeeded."""
         picked = [states[i] for i in rows]
         st = SamplingTensors.from_requests(picked, [s.generator for s in picked], self.cfg.vocab_size, self.device)
         if st.banned is not None and constrained:
@@ -191,21 +238,16 @@ class ModelRunner:
             constrained_rows = set(constrained)
             exempt = [j for j, i in enumerate(rows) if i in constrained_rows]
             st.banned[exempt] = False
-        so = self.sampler(logits[rows] if len(rows) < len(states) else logits, st)
+        whole = logit_rows == list(range(logits.shape[0]))
+        so = self.sampler(logits if whole else logits[logit_rows], st)
         token_ids = get_tp_group().broadcast_from_rank0(so.token_ids).tolist()  # every rank feeds rank 0's
         logprobs = so.logprobs.tolist()
         top_ids = so.top_token_ids.tolist() if so.top_token_ids is not None else None
         top_lps = so.top_logprobs.tolist() if so.top_logprobs is not None else None
-        for i, s in enumerate(picked):
-            tok, k = token_ids[i], s.sampling_params.logprobs
-            result.req_ids.append(s.req_id)
-            result.sampled_token_ids.append([tok])
-            result.sampled_logprobs.append([logprobs[i]])
-            if k is not None:
-                result.logprobs[s.req_id] = _logprobs_lists(
-                    [tok], [logprobs[i]], [top_ids[i]] if top_ids else None, [top_lps[i]] if top_lps else None, [k])
+        for s, tok in zip(picked, token_ids):
             s.append_token(tok)
-            s.fork_of = None
+        return [(tok, logprobs[j], top_ids[j] if top_ids else None, top_lps[j] if top_lps else None)
+                for j, tok in enumerate(token_ids)]
 
     def _prompt_logprobs(self, logits: torch.Tensor, inp: ModelInput, result: ModelRunnerOutput) -> None:
         lps = torch.log_softmax(logits.float(), dim=-1)

@@ -39,6 +39,9 @@ class CachedRequestState:
     pooling_params: Optional[PoolingParams] = None
     pool_sum: Optional[torch.Tensor] = None
     pool_count: int = 0
+    # This step's draft tokens to verify (speculative decoding): inputs after its last token, never
+    # part of token_ids until sampling accepts them.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -55,6 +58,12 @@ class CachedRequestState:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    def input_token_ids(self, start: int, count: int) -> list[int]:
+        """The step's input tokens from position start: its tokens, then its drafts."""
+        if not self.spec_token_ids:
+            return self.token_ids[start:start + count]
+        return (self.token_ids[start:] + self.spec_token_ids)[:count]
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
