@@ -9,6 +9,7 @@ tensor parallelism each rank holds its heads and channels (layers/parallel_linea
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -21,6 +22,7 @@ from freight.layers.parallel_linear import (ColumnParallelLinear, ParallelLMHead
                                             VocabParallelEmbedding)
 from freight.layers.norm import RMSNorm
 from freight.kernels import silu_and_mul
+from freight.kernels.decode_layers import FusedDecodeLayers
 from freight.layers.rotary import RotaryEmbedding, RotaryStep, rope_type_of
 from freight.model_config import ModelConfig
 
@@ -131,6 +133,8 @@ class LlamaForCausalLM(nn.Module):
         if rope_type_of(cfg.rope_scaling) == "longrope":  # its long/short switch lives in models/phi3.py
             raise ValueError(f"{cfg.architecture} with longrope rope scaling is not supported (Phi-3 is)")
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self._fused: Optional[FusedDecodeLayers] = None
+        self._fused_checked = False
 
     def tie_weights(self) -> None:
         """Tied checkpoints have no lm_head tensor; the head reads the embedding matrix."""
@@ -146,12 +150,29 @@ class LlamaForCausalLM(nn.Module):
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states of the rows in logits_indices (compute_logits makes their logits)."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary.for_positions(positions, x.dtype)
-        residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, rope, kv, meta)
+        fused = self._fused_decode(x, positions, kv_caches, meta)
+        if fused is not None:
+            x, residual = fused
+        else:
+            if self._fused is not None and not meta.prefills:  # (a refused native run may have written x)
+                x = self.embed_tokens(input_ids)
+            rope = self.rotary.for_positions(positions, x.dtype)
+            residual = None
+            for layer, kv in zip(self.layers, kv_caches):
+                x, residual = layer(x, residual, rope, kv, meta)
         x, _ = self.norm(x[logits_indices], residual[logits_indices])
         return x
+
+    def _fused_decode(self, x, positions, kv_caches, meta):
+        """The layers of a decode-only step in one native call (kernels/decode_layers.py), where it applies."""
+        if self._fused is None:
+            if self._fused_checked or meta.prefills or os.environ.get("FREIGHT_FUSED_DECODE", "1") == "0":
+                return None
+            self._fused_checked = True  # (decided once the weights are packed: at the first decode step)
+            self._fused = FusedDecodeLayers.build(self)
+            if self._fused is None:
+                return None
+        return self._fused(x, positions, kv_caches, meta, self.rotary.cos_cache, self.rotary.sin_cache)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -71,6 +71,8 @@ class MoEForCausalLM(nn.Module):
 
     tie_weights = LlamaForCausalLM.tie_weights
     forward = LlamaForCausalLM.forward
+    _fused_decode = LlamaForCausalLM._fused_decode
+    _fused, _fused_checked = None, True  # (the native decode driver has no MoE layers)
     compute_logits = LlamaForCausalLM.compute_logits
 
     def checkpoint_name(self, name: str) -> str:

@@ -1,0 +1,69 @@
+"""The native decode driver (freight/kernels/decode_layers.c) against the Python layer loop.
+
+It runs the very kernels the Python path calls, in the same order, so a decode step must give
+bit-identical logprobs and tokens either way (FREIGHT_FUSED_DECODE=0 turns it off); both paths are
+also checked against transformers by the parity tests. Models it does not cover must fall back.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from freight.kernels.build import reset_kernel_caches
+from freight.kernels.cpu_features import supported_isas
+from freight.sampling_params import SamplingParams
+
+
+@pytest.fixture(params=[isa for isa in supported_isas() if isa != "generic"])
+def isa(request, monkeypatch):
+    monkeypatch.setenv("FREIGHT_KERNEL_ISA", request.param)
+    reset_kernel_caches()
+    yield request.param
+    monkeypatch.undo()
+    reset_kernel_caches()
+
+
+def _model(llm):
+    return llm.llm_engine.engine_core.executor.worker.model_runner.model
+
+
+def _run(llm, vocab: int) -> list:
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(rng.randint(3, 40))]} for _ in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    got = []
+    for batch in (prompts[:1], prompts[:3], prompts):  # single stream, then decode steps of 3 and 5 rows
+        for out in llm.generate(batch, params, use_tqdm=False):
+            c = out.outputs[0]
+            got.append((c.token_ids, [sorted(d.items()) for d in c.logprobs]))
+    return got
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_mqa_tied", "llama_rope_llama3", "mistral_gqa"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fused_decode_is_bit_identical(random_model, make_llm, monkeypatch, isa, name, dtype):
+    d = random_model(name)
+    runs = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("FREIGHT_FUSED_DECODE", fused)
+        llm = make_llm(d, dtype=dtype)
+        runs[fused] = _run(llm, llm.llm_engine.model_config.vocab_size)
+        assert (_model(llm)._fused is not None) == (fused == "1"), "the native driver was not (or wrongly) used"
+    assert runs["1"] == runs["0"]
+
+
+@pytest.mark.parametrize("name", ["qwen2_bias", "qwen3_qknorm", "mistral_swa"])
+def test_models_it_does_not_cover_fall_back(random_model, make_llm, name):
+    """Biases, q/k norms and sliding windows are not in the driver: the Python path runs them."""
+    llm = make_llm(random_model(name), dtype="bfloat16")
+    _run(llm, llm.llm_engine.model_config.vocab_size)
+    model = _model(llm)
+    assert model._fused is None and model._fused_checked
+
+
+def test_int8_weights_fall_back(random_model, make_llm):
+    llm = make_llm(random_model("llama_gqa"), dtype="bfloat16", quantization="int8")
+    _run(llm, llm.llm_engine.model_config.vocab_size)
+    assert _model(llm)._fused is None
