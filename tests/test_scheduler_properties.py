@@ -36,6 +36,7 @@ from freight.core.request import Request, RequestStatus
 from freight.core.request_queue import priority_key
 from freight.core.scheduler import Scheduler, SchedulerConfig
 from freight.sampling_params import SamplingParams
+from freight.spec_decode.config import SpeculativeConfig
 from freight.step_contract import ModelRunnerOutput, SchedulerOutput
 
 EOS = 0
@@ -90,9 +91,9 @@ def sampling_req_ids(out: SchedulerOutput, num_tokens: Callable[[str], int]) -> 
     return rows + [rid for rid, (_, _, parent) in entries.items() if parent is not None]
 
 
-def runner_output(sampled: dict[str, int]) -> ModelRunnerOutput:
-    return ModelRunnerOutput(req_ids=list(sampled), sampled_token_ids=[[t] for t in sampled.values()],
-                             sampled_logprobs=[[0.0] for _ in sampled])
+def runner_output(sampled: dict[str, list[int]]) -> ModelRunnerOutput:
+    return ModelRunnerOutput(req_ids=list(sampled), sampled_token_ids=list(sampled.values()),
+                             sampled_logprobs=[[0.0] * len(t) for t in sampled.values()])
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Config:
     vocab: int
     salt: int
     policy: str = "fcfs"
+    spec_k: int = 0               # > 0: n-gram speculative decoding with this many drafts
 
 
 @dataclass
@@ -140,8 +142,10 @@ class Harness:
         self.cfg = cfg
         self.bs = cfg.block_size
         self.kv = KVCacheManager(cfg.num_blocks, cfg.block_size, cfg.caching)
+        spec = (SpeculativeConfig(num_speculative_tokens=cfg.spec_k, prompt_lookup_min=1, prompt_lookup_max=2,
+                                  disable_by_batch_size=1 << 30) if cfg.spec_k else None)
         self.sched = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                               cfg.max_model_len, cfg.chunked, cfg.policy), self.kv)
+                                               cfg.max_model_len, cfg.chunked, cfg.policy, spec), self.kv)
         self.reqs: dict[str, Request] = {}   # every sequence ever added, by sequence id
         self.specs: dict[str, Spec] = {}
         self.aborted: set[str] = set()
@@ -281,7 +285,17 @@ class Harness:
         assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values())
         assert out.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
         assert out.is_empty == (out.total_num_scheduled_tokens == 0)
-        assert out.scheduled_spec_decode_tokens == {}
+        drafts = out.scheduled_spec_decode_tokens
+        if not cfg.spec_k:
+            assert drafts == {}
+        for rid, d in drafts.items():
+            # Drafts only for decodes (the last token to compute), at most K, within max_tokens and the context.
+            c, n, parent = entries[rid]
+            req = self.sched.get_request(rid)
+            assert parent is None and 1 <= len(d) <= cfg.spec_k and n == 1 + len(d)
+            assert c + 1 == req.num_tokens and req.output_token_ids
+            assert len(req.output_token_ids) + 1 + len(d) <= req.max_tokens
+            assert req.num_tokens + 1 + len(d) <= cfg.max_model_len
         assert len(self.sched.running) <= cfg.max_num_seqs
         assert len(entries) <= cfg.max_num_seqs
         assert self.sched.num_unfinished == 0 or not out.is_empty, "nothing scheduled with work pending"
@@ -296,9 +310,10 @@ class Harness:
             if parent is None:
                 assert n >= 1
                 assert req.num_computed_tokens == c + n  # advanced
-                assert c + n <= req.num_tokens
+                assert c + n - len(drafts.get(rid, ())) <= req.num_tokens
                 if not cfg.chunked:
-                    assert c + n == req.num_tokens, "a prompt was split with chunked prefill off"
+                    assert c + n - len(drafts.get(rid, ())) == req.num_tokens, \
+                        "a prompt was split with chunked prefill off"
                 if rid in waiting_before and c > 0:
                     self.saw_prefix_hit = True
                     assert c % bs == 0
@@ -333,30 +348,43 @@ class Harness:
                     self.slots.pop((dst, off), None)
         for rid, (c, n, _) in entries.items():
             seq = self.runner[rid]
-            assert c + n <= len(seq.tokens), f"{rid}: scheduled tokens the runner does not have"
+            d = drafts.get(rid, [])
+            assert c + n <= len(seq.tokens) + len(d), f"{rid}: scheduled tokens the runner does not have"
+            # Draft positions get K/V of the drafted history (a copy of the memo: drafts are not history).
+            keys, tokens = (seq.keys, seq.tokens) if not d else (list(seq.keys), seq.tokens + d)
             for p in range(c, c + n):
-                self.slots[(seq.table[p // bs], p % bs)] = history_key(seq.keys, seq.tokens, p)
+                self.slots[(seq.table[p // bs], p % bs)] = history_key(keys, tokens, p)
 
         # Which rows sample: decided from the runner's own history, and it must agree with the scheduler.
-        sampling = sampling_req_ids(out, lambda rid: len(self.runner[rid].tokens))
+        sampling = sampling_req_ids(out, lambda rid: len(self.runner[rid].tokens) + len(drafts.get(rid, ())))
         for rid, (c, n, parent) in entries.items():
             if parent is None:
-                assert (rid in sampling) == (c + n == self.sched.get_request(rid).num_tokens)
-        sampled = {}
+                assert (rid in sampling) == (c + n == self.sched.get_request(rid).num_tokens + len(drafts.get(rid, ())))
+        sampled: dict[str, list[int]] = {}
         for rid in sampling:
             parent = entries[rid][2]
             history = self.runner[rid if parent is None else parent].tokens
             # Forks draw from the parent's last row: same history (the shared prompt).
             assert self.runner[rid].tokens == history
-            sampled[rid] = model_token(history, cfg.vocab, cfg.salt, seq_index(rid))
+            # Verification: sample each position; go on while the token sampled is the draft fed there.
+            d, toks = drafts.get(rid, []), []
+            while True:
+                toks.append(model_token(history + toks, cfg.vocab, cfg.salt, seq_index(rid)))
+                if len(toks) > len(d) or toks[-1] != d[len(toks) - 1]:
+                    break
+            sampled[rid] = toks
         self.check_shadow()
-        self.on_schedule(out, entries, sampled)
+        if cfg.spec_k:  # (the hooks' subclasses drive a runner-side batch without speculation)
+            assert type(self).on_schedule is Harness.on_schedule and type(self).on_update is Harness.on_update
+        else:
+            self.on_schedule(out, entries, {rid: toks[0] for rid, toks in sampled.items()})
 
         updated = self.sched.update_from_output(out, runner_output(sampled))
         assert sorted(r.request_id for r, _ in updated) == sorted(sampled)
         for r, kept in updated:
-            assert kept == 1
-            assert r.output_token_ids[-1] == sampled[r.request_id]
+            toks = sampled[r.request_id]
+            assert 1 <= kept <= len(toks) and (kept == len(toks) or r.status.finished)
+            assert r.output_token_ids[-kept:] == toks[:kept]
             assert r.pending_forks == []
             if r.status.finished:
                 assert r not in self.sched.running and self.sched.get_request(r.request_id) is None
@@ -364,11 +392,18 @@ class Harness:
                 self.unreported.add(r.request_id)
             else:
                 assert r.status == RequestStatus.RUNNING and self.sched.get_request(r.request_id) is r
-        for rid, tok in sampled.items():  # the runner appends what it sampled itself
-            self.runner[rid].tokens.append(tok)
+        for rid, toks in sampled.items():  # the runner appends what it sampled itself
+            self.runner[rid].tokens.extend(toks)
         for rid, seq in self.runner.items():
-            assert seq.tokens == self.reqs[rid].all_token_ids, f"{rid}: runner history differs"
-        self.on_update(out, sampled)
+            req = self.reqs[rid]
+            if req.status.finished:  # (tokens accepted after a stop are the runner's only; it drops them)
+                assert seq.tokens[:req.num_tokens] == req.all_token_ids, f"{rid}: runner history differs"
+            else:
+                assert seq.tokens == req.all_token_ids, f"{rid}: runner history differs"
+        if not cfg.spec_k:
+            self.on_update(out, {rid: toks[0] for rid, toks in sampled.items()})
+        else:  # rejected drafts stepped back over: every computed position holds the request's own history
+            self.check_shadow()
         self.check()
 
     # Hooks for a subclass that also drives a real runner-side batch (tests/test_input_batch.py).
@@ -400,7 +435,8 @@ class Harness:
         bs = self.bs
         for req in self.sched.running:
             table = self.kv.block_ids(req.request_id)
-            for p in range(req.num_computed_tokens):
+            # (before update_from_output, positions past the request's tokens hold drafts: checked once accepted)
+            for p in range(min(req.num_computed_tokens, req.num_tokens)):
                 got = self.slots.get((table[p // bs], p % bs))
                 assert got == self.key(req, p), (
                     f"{req.request_id}: slot for position {p} (block {table[p // bs]}) holds K/V of another "
@@ -420,8 +456,10 @@ class Harness:
         for r in running:
             assert r.status == RequestStatus.RUNNING
             assert 0 < r.num_computed_tokens < r.num_tokens
-            # (4) block table covers exactly the computed tokens
-            assert len(kv.req_blocks[r.request_id]) == math.ceil(r.num_computed_tokens / bs)
+            # (4) block table covers exactly the computed tokens (and, after rejected drafts, at most
+            # the blocks of K more: their slots are written again before anything reads them)
+            held = len(kv.req_blocks[r.request_id])
+            assert math.ceil(r.num_computed_tokens / bs) <= held <= math.ceil((r.num_computed_tokens + cfg.spec_k) / bs)
             assert kv.num_cached_blocks.get(r.request_id, 0) <= len(kv.req_blocks[r.request_id])
         for r in running:
             if r.pending_forks:  # still prefilling its prompt (chunked)
@@ -573,7 +611,7 @@ MAX_LEN = 40
 
 
 @st.composite
-def configs(draw, chunked=None, caching=None, policy: str = "fcfs") -> Config:
+def configs(draw, chunked=None, caching=None, policy: str = "fcfs", spec: bool = False) -> Config:
     bs = draw(st.sampled_from([1, 2, 4, 16]))
     mml = draw(st.integers(2, MAX_LEN))
     # max_model_len never exceeds the cache; keep the cache tight so requests preempt each other.
@@ -589,7 +627,8 @@ def configs(draw, chunked=None, caching=None, policy: str = "fcfs") -> Config:
     return Config(block_size=bs, num_blocks=nb, max_model_len=mml,
                   max_num_seqs=draw(st.integers(1, 6)), max_num_batched_tokens=mbt, chunked=chunked,
                   caching=draw(st.booleans()) if caching is None else caching,
-                  vocab=draw(st.integers(2, 10)), salt=draw(st.integers(0, 1000)), policy=policy)
+                  vocab=draw(st.integers(2, 10)), salt=draw(st.integers(0, 1000)), policy=policy,
+                  spec_k=draw(st.sampled_from([1, 2, 4])) if spec else 0)
 
 
 @st.composite
@@ -620,8 +659,9 @@ def workloads(draw, cfg: Config, aborts: bool = True, max_requests: int = 8, for
 
 
 @st.composite
-def scenarios(draw, aborts: bool = True, chunked=None, caching=None, forks: bool = False, policy: str = "fcfs"):
-    cfg = draw(configs(chunked=chunked, caching=caching, policy=policy))
+def scenarios(draw, aborts: bool = True, chunked=None, caching=None, forks: bool = False, policy: str = "fcfs",
+              spec: bool = False):
+    cfg = draw(configs(chunked=chunked, caching=caching, policy=policy, spec=spec))
     return cfg, draw(workloads(cfg, aborts=aborts, forks=forks))
 
 
@@ -642,6 +682,21 @@ def _events(h: Harness) -> None:
 def test_random_workloads_keep_invariants(scenario):
     cfg, specs = scenario
     h = run_scenario(cfg, specs)
+    _events(h)
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenarios(spec=True, forks=True))
+def test_random_workloads_with_speculation(scenario):
+    """n-gram drafts verified by the fake model: outputs equal the reference (check_final), every computed
+    slot holds its own history after rejected drafts are stepped back over (check_shadow), blocks add up."""
+    cfg, specs = scenario
+    h = run_scenario(cfg, specs)
+    stats = h.sched.spec_stats
+    assert stats.num_accepted_tokens <= stats.num_draft_tokens <= cfg.spec_k * stats.num_drafts
+    assert sum(stats.accepted_per_pos) == stats.num_accepted_tokens
+    event(f"drafts_accepted={stats.num_accepted_tokens > 0}")
+    event(f"drafts_rejected={stats.num_accepted_tokens < stats.num_draft_tokens}")
     _events(h)
 
 
@@ -906,7 +961,7 @@ def _seqs(rid: str, prompt: list[int], n: int = 1, max_tokens: int = 4, **params
 def _fake_step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
     """One step with a runner that samples `token` for every sequence that samples."""
     out = sched.schedule()
-    sampled = {rid: token for rid in sampling_req_ids(out, lambda rid: sched.get_request(rid).num_tokens)}
+    sampled = {rid: [token] for rid in sampling_req_ids(out, lambda rid: sched.get_request(rid).num_tokens)}
     updated = sched.update_from_output(out, runner_output(sampled))
     assert sorted(r.request_id for r, _ in updated) == sorted(sampled)
     return out
@@ -990,7 +1045,7 @@ def test_prompt_logprob_rows_not_repeated_after_preemption():
             assert pr.state is batch.requests[pr.state.req_id]
             if pr.state.req_id == "b":
                 positions.extend(range(pr.first_position, pr.first_position + pr.count))
-        sampled = {s.req_id: 9 for s in inp.sampling}
+        sampled = {s.req_id: [9] for s in inp.sampling}
         assert sorted(sampled) == sorted(sampling_req_ids(out, lambda rid: sched.get_request(rid).num_tokens))
         for s in inp.sampling:  # as ModelRunner._sample does
             s.append_token(9)

@@ -174,8 +174,10 @@ class Scheduler:
 
     def _propose(self, req: Request, budget: int) -> list[int]:
         """Drafts for a decode: never more than its max_tokens, the context or the budget leave room for."""
-        if req.structured is not None or req.pooling_params is not None:
-            return []  # (a draft would need the grammar's mask per position)
+        if req.structured is not None or req.pooling_params is not None or not req.output_token_ids:
+            # (a draft would need the grammar's mask per position; a prompt's last token may still
+            # have forks to start from its row, which must then be the request's last)
+            return []
         room = min(req.max_tokens - len(req.output_token_ids), self.config.max_model_len - req.num_tokens) - 1
         return self.proposer.propose(req.all_token_ids, min(room, budget))
 
