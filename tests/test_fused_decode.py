@@ -42,15 +42,17 @@ def _run(llm, vocab: int) -> list:
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "llama_mqa_tied", "llama_rope_llama3", "mistral_gqa"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_fused_decode_is_bit_identical(random_model, make_llm, monkeypatch, isa, name, dtype):
+@pytest.mark.parametrize("dtype,quantization", [("bfloat16", None), ("float32", None), ("bfloat16", "int8")])
+def test_fused_decode_is_bit_identical(random_model, make_llm, monkeypatch, isa, name, dtype, quantization):
     d = random_model(name)
     runs = {}
     for fused in ("1", "0"):
         monkeypatch.setenv("FREIGHT_FUSED_DECODE", fused)
-        llm = make_llm(d, dtype=dtype)
+        llm = make_llm(d, dtype=dtype, quantization=quantization)
         runs[fused] = _run(llm, llm.llm_engine.model_config.vocab_size)
-        assert (_model(llm)._fused is not None) == (fused == "1"), "the native driver was not (or wrongly) used"
+        model = _model(llm)
+        assert (model._fused is not None) == (fused == "1"), "the native driver was not (or wrongly) used"
+        assert fused == "0" or model._fused.int8 == (quantization == "int8")
     assert runs["1"] == runs["0"]
 
 
@@ -61,9 +63,3 @@ def test_models_it_does_not_cover_fall_back(random_model, make_llm, name):
     _run(llm, llm.llm_engine.model_config.vocab_size)
     model = _model(llm)
     assert model._fused is None and model._fused_checked
-
-
-def test_int8_weights_fall_back(random_model, make_llm):
-    llm = make_llm(random_model("llama_gqa"), dtype="bfloat16", quantization="int8")
-    _run(llm, llm.llm_engine.model_config.vocab_size)
-    assert _model(llm)._fused is None

@@ -6,7 +6,8 @@
  * was a third of a single-stream step. This driver runs the very kernels the Python path calls,
  * in the same order on the same buffers, so its outputs are bit-identical to it; the kernels
  * come in as function pointers from the libraries already loaded for this ISA level (each keeps
- * its own per-ISA build), and the weights as pointers packed once per model.
+ * its own per-ISA build), and the weights as pointers packed once per model: float weights packed
+ * for gemm.c, or int8 weights and their scales for int8_gemm.c (--quantization int8).
  *
  * Per layer (l), as models/llama.py's DecoderLayer:
  *   residual += x; t = norm(residual)          (layer 0: residual = x; t = norm(x))
@@ -22,12 +23,29 @@ typedef void (*rms_norm_fn)(const void *, void *, const void *, void *, int64_t,
 typedef void (*rotary_fn)(void *, int64_t, int64_t, int, int, const int64_t *, const float *, const float *);
 typedef void (*silu_fn)(const void *, void *, int64_t, int64_t);
 typedef int (*gemm_fn)(const void *, int64_t, const void *, void *, int64_t, int, int, int);
+typedef int (*int8_gemm_fn)(const void *, int64_t, int, const void *, const float *, void *, int64_t, int, int,
+                            int);
 typedef int (*decode_fn)(const void *, int64_t, const void *, const void *, const int64_t *, int64_t,
                          const int64_t *, void *, int, int, int, int, int64_t, int, float, int64_t);
 
-enum { F_NORM, F_ROTARY, F_SILU, F_GEMM, F_DECODE, NUM_FNS };
-enum { L_NORM1, L_QKV, L_O, L_NORM2, L_GATE_UP, L_DOWN, L_K_CACHE, L_V_CACHE, PTRS_PER_LAYER };
-enum { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_BLOCK_SIZE, D_ELEM_SIZE, NUM_DIMS };
+enum { F_NORM, F_ROTARY, F_SILU, F_GEMM, F_DECODE, F_INT8_GEMM, NUM_FNS };
+enum { L_NORM1, L_QKV, L_O, L_NORM2, L_GATE_UP, L_DOWN, L_K_CACHE, L_V_CACHE,
+       L_QKV_SCALES, L_O_SCALES, L_GATE_UP_SCALES, L_DOWN_SCALES, PTRS_PER_LAYER };
+enum { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_BLOCK_SIZE, D_ELEM_SIZE, D_INT8, NUM_DIMS };
+
+/* One projection: gemm.c on packed float weights, or int8_gemm.c on int8 weights and their scales. */
+typedef struct {
+    gemm_fn gemm;
+    int8_gemm_fn int8_gemm;
+    int x_bf16;
+} linears;
+
+static int project(const linears *lin, const void *x, int64_t x_stride, const void *w, const void *scales, void *y,
+                   int rows, int n, int k) {
+    if (lin->int8_gemm)
+        return lin->int8_gemm(x, x_stride, lin->x_bf16, w, (const float *)scales, y, n, rows, n, k);
+    return lin->gemm(x, x_stride, w, y, n, rows, n, k);
+}
 
 /* x [rows, hidden] in: the embeddings; out: the last layer's output. residual [rows, hidden] out.
  * work: scratch of rows * (hidden + qkv + heads*dim + 2*inter + inter) elements. Returns 0, or the
@@ -39,7 +57,8 @@ int decode_layers(const void *const *fns, const void *const *layers, int num_lay
     const rms_norm_fn norm = (rms_norm_fn)fns[F_NORM];
     const rotary_fn rotary = (rotary_fn)fns[F_ROTARY];
     const silu_fn silu = (silu_fn)fns[F_SILU];
-    const gemm_fn gemm = (gemm_fn)fns[F_GEMM];
+    const linears lin = {(gemm_fn)fns[F_GEMM], dims[D_INT8] ? (int8_gemm_fn)fns[F_INT8_GEMM] : NULL,
+                         dims[D_ELEM_SIZE] == 2};
     const decode_fn decode = (decode_fn)fns[F_DECODE];
     const int hidden = (int)dims[D_HIDDEN], heads = (int)dims[D_HEADS], kv_heads = (int)dims[D_KV_HEADS];
     const int dim = (int)dims[D_HEAD_DIM], inter = (int)dims[D_INTER], block_size = (int)dims[D_BLOCK_SIZE];
@@ -61,7 +80,7 @@ int decode_layers(const void *const *fns, const void *const *layers, int num_lay
         } else {
             norm(x, residual, w[L_NORM1], t, rows, hidden, eps);
         }
-        if ((rc = gemm(t, hidden, w[L_QKV], qkv, qkv_size, rows, qkv_size, hidden)) != 0) return rc;
+        if ((rc = project(&lin, t, hidden, w[L_QKV], w[L_QKV_SCALES], qkv, rows, qkv_size, hidden)) != 0) return rc;
         rotary(qkv, rows, qkv_size, heads + kv_heads, dim, positions, cos_t, sin_t);
         for (int r = 0; r < rows; r++) {
             const char *k = qkv + ((int64_t)r * qkv_size + q_size) * es, *v = k + (int64_t)kv_size * es;
@@ -73,11 +92,12 @@ int decode_layers(const void *const *fns, const void *const *layers, int num_lay
         }
         if ((rc = decode(qkv, qkv_size, w[L_K_CACHE], w[L_V_CACHE], tables, table_stride, seq_lens, attn, rows,
                          heads, kv_heads, dim, num_blocks, block_size, scale, 0)) != 0) return rc;
-        if ((rc = gemm(attn, q_size, w[L_O], x, hidden, rows, hidden, q_size)) != 0) return rc;
+        if ((rc = project(&lin, attn, q_size, w[L_O], w[L_O_SCALES], x, rows, hidden, q_size)) != 0) return rc;
         norm(x, residual, w[L_NORM2], t, rows, hidden, eps);
-        if ((rc = gemm(t, hidden, w[L_GATE_UP], gate_up, 2 * inter, rows, 2 * inter, hidden)) != 0) return rc;
+        if ((rc = project(&lin, t, hidden, w[L_GATE_UP], w[L_GATE_UP_SCALES], gate_up, rows, 2 * inter, hidden)) != 0)
+            return rc;
         silu(gate_up, h, rows, inter);
-        if ((rc = gemm(h, inter, w[L_DOWN], x, hidden, rows, hidden, inter)) != 0) return rc;
+        if ((rc = project(&lin, h, inter, w[L_DOWN], w[L_DOWN_SCALES], x, rows, hidden, inter)) != 0) return rc;
     }
     return 0;
 }

@@ -2,8 +2,8 @@
 
 Used by Llama-shaped models (models/llama.py) when every piece the Python path would run is a native
 kernel here: plain RMSNorm, bias-free fused QKV / O / gate-up / down projections packed for gemm.c
-(and the step's rows within its row limit), rotary, paged decode attention without a sliding window
-or softcap, one rank. Anything else (a prefill in the step, int8 weights, biases, CUDA, no compiler)
+(and the step's rows within its row limit) or quantized for int8_gemm.c, rotary, paged decode attention without a sliding window
+or softcap, one rank. Anything else (a prefill in the step, biases, CUDA, no compiler)
 takes the Python path, which computes the same values op by op.
 """
 
@@ -14,9 +14,10 @@ from typing import Optional
 
 import torch
 
-from freight.kernels import attention, elementwise, gemm
+from freight.kernels import attention, elementwise, gemm, int8_gemm
 from freight.kernels.build import c_function, kernel_cache
 from freight.layers.attention import AttentionMetadata
+from freight.layers.linear import SMALL_GEMM_MAX_ROWS
 
 _I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _ARGTYPES = [_PTR, _PTR, _INT, _PTR, _PTR, _INT, _PTR, _I64, _F32, _F32, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR,
@@ -30,27 +31,38 @@ def _driver():
 
 @kernel_cache
 def _kernels(dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """The five kernels' addresses for dtype (the driver's fns[]), or None if one is missing here."""
+    """The kernels' addresses for dtype (the driver's fns[]: int8_gemm may be 0), or None if one is missing."""
     fns = [elementwise._fn("rms_norm", dtype), elementwise._fn("rotary", dtype),
            elementwise._fn("silu_and_mul", dtype), gemm._fn(dtype), attention._decode_fn(dtype)]
     if any(f is None for f in fns):
         return None
     fns[3] = fns[3][0]  # (gemm's entry is (function, max rows))
-    return torch.tensor([ctypes.cast(f, ctypes.c_void_p).value for f in fns], dtype=torch.int64)
+    addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in fns]
+    addresses.append(ctypes.cast(int8_gemm._fn(), ctypes.c_void_p).value if int8_gemm._fn() is not None else 0)
+    return torch.tensor(addresses, dtype=torch.int64)
 
 
-def _linear_ok(m) -> bool:
-    return getattr(m, "_small", None) is not None and m.bias is None and getattr(m, "_int8", None) is None
+def _weights(m) -> Optional[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
+    """How the driver multiplies by linear m: ("float", gemm.c's packed weight, None) or ("int8", packed int8
+    weight, scales); None when it cannot (a bias, or a weight the Python path multiplies another way)."""
+    if m is None or m.bias is not None:
+        return None
+    q = getattr(m, "_int8", None)
+    if q is not None:
+        return ("int8", q.packed, q.scales) if q.packed is not None and int8_gemm._fn() is not None else None
+    small = getattr(m, "_small", None)
+    return ("float", small, None) if small is not None else None
 
 
 class FusedDecodeLayers:
     """The layers of one model, ready for decode_layers; build() says whether the model qualifies."""
 
-    def __init__(self, model, layers, dtype: torch.dtype):
-        self.model, self.layers, self.dtype = model, layers, dtype
+    def __init__(self, model, layers, dtype: torch.dtype, int8: bool):
+        self.model, self.layers, self.dtype, self.int8 = model, layers, dtype, int8
         a, mlp = layers[0].self_attn, layers[0].mlp
         self.scale, self.eps = a.attn.scale, layers[0].input_layernorm.eps
-        self.max_rows = gemm.small_gemm_max_rows(dtype)
+        # (int8_gemm.c takes any row count; linear.py sends gemm.c at most its limit)
+        self.max_rows = SMALL_GEMM_MAX_ROWS if int8 else min(gemm.small_gemm_max_rows(dtype), SMALL_GEMM_MAX_ROWS)
         self.sizes = (model.cfg.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, mlp.intermediate)
         self._table: Optional[torch.Tensor] = None  # per layer: weight and cache pointers
         self._cache_key: Optional[tuple[int, ...]] = None
@@ -62,19 +74,22 @@ class FusedDecodeLayers:
 
         layers = list(model.layers)
         dtype = model.embed_tokens.weight.dtype
+        kinds: set = set()  # every projection of every layer float, or every one int8
         if (not layers or model.embed_tokens.weight.device.type != "cpu" or get_tp_group().world_size != 1
                 or _driver() is None or _kernels(dtype) is None):
             return None
         for layer in layers:
             a, mlp = layer.self_attn, layer.mlp
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            linears = (a.qkv_proj, a.o_proj, getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
+            linears = [_weights(m) for m in (a.qkv_proj, a.o_proj, getattr(mlp, "gate_up_proj", None),
+                                             getattr(mlp, "down_proj", None))]
+            kinds.update(w[0] if w is not None else None for w in linears)
             if (any(type(n) is not RMSNorm or n.weight.dtype != dtype or n.eps != norms[0].eps for n in norms)
-                    or not all(_linear_ok(m) for m in linears) or getattr(a, "q_norm", None) is not None
+                    or len(kinds) != 1 or None in kinds or getattr(a, "q_norm", None) is not None
                     or a.attn.sliding_window is not None or a.attn.logit_softcap is not None
                     or not hasattr(mlp, "intermediate")):
                 return None
-        return cls(model, layers, dtype)
+        return cls(model, layers, dtype, int8="int8" in kinds)
 
     def _layer_table(self, kv_caches) -> torch.Tensor:
         key = tuple(t.data_ptr() for pair in kv_caches for t in pair)
@@ -82,10 +97,11 @@ class FusedDecodeLayers:
             ptrs = []
             for layer, (k, v) in zip(self.layers, kv_caches):
                 a, mlp = layer.self_attn, layer.mlp
-                ptrs += [layer.input_layernorm.weight.data_ptr(), a.qkv_proj._small.data_ptr(),
-                         a.o_proj._small.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                         mlp.gate_up_proj._small.data_ptr(), mlp.down_proj._small.data_ptr(), k.data_ptr(),
-                         v.data_ptr()]
+                w = [_weights(m) for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+                ptrs += [layer.input_layernorm.weight.data_ptr(), w[0][1].data_ptr(), w[1][1].data_ptr(),
+                         layer.post_attention_layernorm.weight.data_ptr(), w[2][1].data_ptr(), w[3][1].data_ptr(),
+                         k.data_ptr(), v.data_ptr()]
+                ptrs += [s.data_ptr() if s is not None else 0 for _, _, s in w]
             self._table, self._cache_key = torch.tensor(ptrs, dtype=torch.int64), key
         return self._table
 
@@ -100,7 +116,8 @@ class FusedDecodeLayers:
         hidden, heads, kv_heads, dim, inter = self.sizes
         k_cache = kv_caches[0][0]
         _, num_blocks, block_size, _ = k_cache.shape
-        dims = torch.tensor([hidden, heads, kv_heads, dim, inter, block_size, x.element_size()], dtype=torch.int64)
+        dims = torch.tensor([hidden, heads, kv_heads, dim, inter, block_size, x.element_size(), int(self.int8)],
+                            dtype=torch.int64)
         qkv = (heads + 2 * kv_heads) * dim
         work = torch.empty(rows * (hidden + qkv + heads * dim + 3 * inter), dtype=x.dtype)
         residual = torch.empty_like(x)
