@@ -63,3 +63,22 @@ def test_models_it_does_not_cover_fall_back(random_model, make_llm, name):
     _run(llm, llm.llm_engine.model_config.vocab_size)
     model = _model(llm)
     assert model._fused is None and model._fused_checked
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_mixed_steps_and_speculation_are_bit_identical(random_model, make_llm, monkeypatch, dtype):
+    """Steps with prefill chunks (small prompts joining running decodes, chunked prefill, speculative
+    verification) through the driver's prefill-kernel branch: the same as the Python path."""
+    d = random_model("llama_rope_llama3")  # head_dim 32: the prefill kernel's shapes
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+    rng = random.Random(1)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 40) for _ in range(rng.randint(3, 30))]} for _ in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    runs = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("FREIGHT_FUSED_DECODE", fused)
+        llm = make_llm(d, dtype=dtype, max_num_batched_tokens=16, speculative_config=spec)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs[fused] = [(o.outputs[0].token_ids, [sorted(x.items()) for x in o.outputs[0].logprobs]) for o in outs]
+        assert llm.llm_engine.get_stats().spec_decoding.num_drafts > 0
+    assert runs["1"] == runs["0"]

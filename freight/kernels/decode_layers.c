@@ -1,4 +1,4 @@
-/* The decoder layers of a decode-only step (Llama-shaped: pre-norm, fused QKV, rotary, paged
+/* The decoder layers of a small step (Llama-shaped: pre-norm, fused QKV, rotary, paged
  * attention, gated SiLU MLP) in one native call.
  *
  * A decode step of a small batch moves little data per layer, so Python's per-op cost (module
@@ -10,9 +10,9 @@
  * for gemm.c, or int8 weights and their scales for int8_gemm.c (--quantization int8).
  *
  * Per layer (l), as models/llama.py's DecoderLayer:
- *   residual += x; t = norm(residual)          (layer 0: residual = x; t = norm(x))
+ *   residual += x; t = norm(residual)          (layer 0: t = norm(residual), the embeddings)
  *   qkv = t @ Wqkv; rotate q and k in place; write k, v at each token's cache slot
- *   a = paged_decode(q, caches); x = a @ Wo
+ *   a = paged_decode(q, caches) for decodes, paged_prefill for chunks; x = a @ Wo
  *   residual += x; t = norm(residual); x = silu_and_mul(t @ Wgate_up) @ Wdown
  * The final norm (and the logits) stay with the caller.
  */
@@ -27,8 +27,10 @@ typedef int (*int8_gemm_fn)(const void *, int64_t, int, const void *, const floa
                             int);
 typedef int (*decode_fn)(const void *, int64_t, const void *, const void *, const int64_t *, int64_t,
                          const int64_t *, void *, int, int, int, int, int64_t, int, float, int64_t);
+typedef int (*prefill_fn)(const void *, int64_t, const void *, const void *, const int64_t *, int64_t,
+                          const int64_t *, int, void *, int64_t, int, int, int, int64_t, int, float, int64_t);
 
-enum { F_NORM, F_ROTARY, F_SILU, F_GEMM, F_DECODE, F_INT8_GEMM, NUM_FNS };
+enum { F_NORM, F_ROTARY, F_SILU, F_GEMM, F_DECODE, F_INT8_GEMM, F_PREFILL, NUM_FNS };
 enum { L_NORM1, L_QKV, L_O, L_NORM2, L_GATE_UP, L_DOWN, L_K_CACHE, L_V_CACHE,
        L_QKV_SCALES, L_O_SCALES, L_GATE_UP_SCALES, L_DOWN_SCALES, PTRS_PER_LAYER };
 enum { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_BLOCK_SIZE, D_ELEM_SIZE, D_INT8, NUM_DIMS };
@@ -47,19 +49,26 @@ static int project(const linears *lin, const void *x, int64_t x_stride, const vo
     return lin->gemm(x, x_stride, w, y, n, rows, n, k);
 }
 
-/* x [rows, hidden] in: the embeddings; out: the last layer's output. residual [rows, hidden] out.
+/* The step's rows: num_decodes one-token decodes first (tables/seq_lens: theirs), then num_chunks
+ * prefill chunks (chunk_tables; chunks: (first row, rows, tokens cached before), as the prefill kernel
+ * takes them), e.g. speculative verification.
+ * residual [rows, hidden] in: the embeddings; out: the residual stream after the last layer.
+ * x [rows, hidden] out: the last layer's output.
  * work: scratch of rows * (hidden + qkv + heads*dim + 2*inter + inter) elements. Returns 0, or the
  * failing kernel's code (the caller then runs its Python path; cache writes are idempotent). */
 int decode_layers(const void *const *fns, const void *const *layers, int num_layers, void *x, void *residual,
                   int rows, const int64_t *dims, int64_t num_blocks, float eps, float scale,
                   const int64_t *positions, const float *cos_t, const float *sin_t, const int64_t *slots,
-                  const int64_t *tables, int64_t table_stride, const int64_t *seq_lens, void *work) {
+                  int num_decodes, const int64_t *tables, int64_t table_stride, const int64_t *seq_lens,
+                  int num_chunks, const int64_t *chunk_tables, int64_t chunk_table_stride, const int64_t *chunks,
+                  void *work) {
     const rms_norm_fn norm = (rms_norm_fn)fns[F_NORM];
     const rotary_fn rotary = (rotary_fn)fns[F_ROTARY];
     const silu_fn silu = (silu_fn)fns[F_SILU];
     const linears lin = {(gemm_fn)fns[F_GEMM], dims[D_INT8] ? (int8_gemm_fn)fns[F_INT8_GEMM] : NULL,
                          dims[D_ELEM_SIZE] == 2};
     const decode_fn decode = (decode_fn)fns[F_DECODE];
+    const prefill_fn prefill = (prefill_fn)fns[F_PREFILL];
     const int hidden = (int)dims[D_HIDDEN], heads = (int)dims[D_HEADS], kv_heads = (int)dims[D_KV_HEADS];
     const int dim = (int)dims[D_HEAD_DIM], inter = (int)dims[D_INTER], block_size = (int)dims[D_BLOCK_SIZE];
     const int64_t es = dims[D_ELEM_SIZE];
@@ -75,7 +84,6 @@ int decode_layers(const void *const *fns, const void *const *layers, int num_lay
     for (int l = 0; l < num_layers; l++) {
         const void *const *w = layers + (int64_t)l * PTRS_PER_LAYER;
         if (l == 0) {
-            memcpy(residual, x, (size_t)rows * hidden * es);
             norm(residual, NULL, w[L_NORM1], t, rows, hidden, eps);
         } else {
             norm(x, residual, w[L_NORM1], t, rows, hidden, eps);
@@ -90,8 +98,14 @@ int decode_layers(const void *const *fns, const void *const *layers, int num_lay
                 memcpy((char *)w[L_V_CACHE] + at, v + (int64_t)g * dim * es, (size_t)dim * es);
             }
         }
-        if ((rc = decode(qkv, qkv_size, w[L_K_CACHE], w[L_V_CACHE], tables, table_stride, seq_lens, attn, rows,
-                         heads, kv_heads, dim, num_blocks, block_size, scale, 0)) != 0) return rc;
+        if (num_decodes && (rc = decode(qkv, qkv_size, w[L_K_CACHE], w[L_V_CACHE], tables, table_stride, seq_lens,
+                                        attn, num_decodes, heads, kv_heads, dim, num_blocks, block_size, scale,
+                                        0)) != 0)
+            return rc;
+        if (num_chunks && (rc = prefill(qkv, qkv_size, w[L_K_CACHE], w[L_V_CACHE], chunk_tables, chunk_table_stride,
+                                        chunks, num_chunks, attn, q_size, heads, kv_heads, dim, num_blocks,
+                                        block_size, scale, 0)) != 0)
+            return rc;
         if ((rc = project(&lin, attn, q_size, w[L_O], w[L_O_SCALES], x, rows, hidden, q_size)) != 0) return rc;
         norm(x, residual, w[L_NORM2], t, rows, hidden, eps);
         if ((rc = project(&lin, t, hidden, w[L_GATE_UP], w[L_GATE_UP_SCALES], gate_up, rows, 2 * inter, hidden)) != 0)

@@ -1,10 +1,11 @@
-"""ctypes binding of decode_layers.c: every decoder layer of a decode-only step in one native call.
+"""ctypes binding of decode_layers.c: every decoder layer of a small step in one native call.
 
 Used by Llama-shaped models (models/llama.py) when every piece the Python path would run is a native
 kernel here: plain RMSNorm, bias-free fused QKV / O / gate-up / down projections packed for gemm.c
 (and the step's rows within its row limit) or quantized for int8_gemm.c, rotary, paged decode attention without a sliding window
-or softcap, one rank. Anything else (a prefill in the step, biases, CUDA, no compiler)
-takes the Python path, which computes the same values op by op.
+or softcap (decodes; prefill chunks, such as speculative verification, through the prefill kernel), one
+rank. Anything else (a step of more rows than gemm.c takes, biases, CUDA, no compiler) takes the Python
+path, which computes the same values op by op.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from freight.layers.attention import AttentionMetadata
 from freight.layers.linear import SMALL_GEMM_MAX_ROWS
 
 _I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-_ARGTYPES = [_PTR, _PTR, _INT, _PTR, _PTR, _INT, _PTR, _I64, _F32, _F32, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR,
-             _PTR]
+_ARGTYPES = [_PTR, _PTR, _INT, _PTR, _PTR, _INT, _PTR, _I64, _F32, _F32, _PTR, _PTR, _PTR, _PTR,
+             _INT, _PTR, _I64, _PTR, _INT, _PTR, _I64, _PTR, _PTR]
 
 
 @kernel_cache
@@ -38,7 +39,8 @@ def _kernels(dtype: torch.dtype) -> Optional[torch.Tensor]:
         return None
     fns[3] = fns[3][0]  # (gemm's entry is (function, max rows))
     addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in fns]
-    addresses.append(ctypes.cast(int8_gemm._fn(), ctypes.c_void_p).value if int8_gemm._fn() is not None else 0)
+    for optional in (int8_gemm._fn(), attention._prefill_fn(dtype)):
+        addresses.append(ctypes.cast(optional, ctypes.c_void_p).value if optional is not None else 0)
     return torch.tensor(addresses, dtype=torch.int64)
 
 
@@ -64,6 +66,7 @@ class FusedDecodeLayers:
         # (int8_gemm.c takes any row count; linear.py sends gemm.c at most its limit)
         self.max_rows = SMALL_GEMM_MAX_ROWS if int8 else min(gemm.small_gemm_max_rows(dtype), SMALL_GEMM_MAX_ROWS)
         self.sizes = (model.cfg.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, mlp.intermediate)
+        self.has_prefill = bool(_kernels(dtype)[6])  # the prefill attention kernel is built here
         self._table: Optional[torch.Tensor] = None  # per layer: weight and cache pointers
         self._cache_key: Optional[tuple[int, ...]] = None
 
@@ -107,26 +110,40 @@ class FusedDecodeLayers:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, kv_caches, meta: AttentionMetadata,
                  cos: torch.Tensor, sin: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """(last layer's output, residual) of a decode-only step; None when this step does not qualify or a
-        kernel refused (then x may have been overwritten: the caller starts over from the embeddings)."""
+        """(last layer's output, residual) of a step of embeddings x; None when this step does not qualify
+        or a kernel refused (x is left as it was: the caller's Python path runs it)."""
         rows = x.shape[0]
-        if (meta.prefills or meta.num_decodes != rows or rows > self.max_rows or x.dtype != self.dtype
-                or not x.is_contiguous() or positions.dtype != torch.int64):
-            return None
         hidden, heads, kv_heads, dim, inter = self.sizes
         k_cache = kv_caches[0][0]
         _, num_blocks, block_size, _ = k_cache.shape
+        if rows > self.max_rows or x.dtype != self.dtype or positions.dtype != torch.int64:
+            return None
+        nd, chunks = meta.num_decodes, meta.prefill_rows
+        if meta.prefills and (chunks is None or not self.has_prefill or dim % 32 or dim > 256
+                              or block_size % 16):  # (what paged_prefill_available asks)
+            return None
         dims = torch.tensor([hidden, heads, kv_heads, dim, inter, block_size, x.element_size(), int(self.int8)],
                             dtype=torch.int64)
         qkv = (heads + 2 * kv_heads) * dim
         work = torch.empty(rows * (hidden + qkv + heads * dim + 3 * inter), dtype=x.dtype)
-        residual = torch.empty_like(x)
-        tables, lens = meta.decode_block_tables, meta.decode_seq_lens
-        if tables.dtype != torch.int64 or lens.dtype != torch.int64 or meta.slot_mapping.dtype != torch.int64:
-            return None
-        tables, lens = tables.contiguous(), lens.contiguous()
+        out, residual = torch.empty_like(x), x.contiguous().clone()
+        tables, lens = _int64(meta.decode_block_tables), _int64(meta.decode_seq_lens)
+        chunk_tables, chunks = _int64(meta.prefill_block_tables), _int64(chunks)
         rc = _driver()(_kernels(self.dtype).data_ptr(), self._layer_table(kv_caches).data_ptr(), len(self.layers),
-                       x.data_ptr(), residual.data_ptr(), rows, dims.data_ptr(), num_blocks, self.eps, self.scale,
-                       positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
-                       tables.data_ptr(), tables.stride(0), lens.data_ptr(), work.data_ptr())
-        return (x, residual) if rc == 0 else None
+                       out.data_ptr(), residual.data_ptr(), rows, dims.data_ptr(), num_blocks, self.eps, self.scale,
+                       positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), _int64(meta.slot_mapping).data_ptr(),
+                       nd, _ptr(tables), _stride(tables), _ptr(lens),
+                       len(meta.prefills), _ptr(chunk_tables), _stride(chunk_tables), _ptr(chunks), work.data_ptr())
+        return (out, residual) if rc == 0 else None
+
+
+def _int64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.int64).contiguous()
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _stride(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.stride(0)

@@ -154,8 +154,6 @@ class LlamaForCausalLM(nn.Module):
         if fused is not None:
             x, residual = fused
         else:
-            if self._fused is not None and not meta.prefills:  # (a refused native run may have written x)
-                x = self.embed_tokens(input_ids)
             rope = self.rotary.for_positions(positions, x.dtype)
             residual = None
             for layer, kv in zip(self.layers, kv_caches):
@@ -164,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def _fused_decode(self, x, positions, kv_caches, meta):
-        """The layers of a decode-only step in one native call (kernels/decode_layers.py), where it applies."""
+        """The layers of a small step in one native call (kernels/decode_layers.py), where it applies."""
         if self._fused is None:
             if self._fused_checked or meta.prefills or os.environ.get("FREIGHT_FUSED_DECODE", "1") == "0":
                 return None
