@@ -116,3 +116,21 @@ def make_llm():
             except Exception:  # noqa: BLE001 - cleanup must not mask the test's result
                 pass
     created.clear()
+
+
+def _isa_levels():
+    from freight.kernels.cpu_features import supported_isas
+
+    return supported_isas()
+
+
+@pytest.fixture(params=_isa_levels())
+def isa(request, monkeypatch):
+    """The kernels as built for one ISA level this CPU can run (FREIGHT_KERNEL_ISA), restored afterwards."""
+    from freight.kernels.build import reset_kernel_caches
+
+    monkeypatch.setenv("FREIGHT_KERNEL_ISA", request.param)
+    reset_kernel_caches()
+    yield request.param
+    monkeypatch.undo()
+    reset_kernel_caches()

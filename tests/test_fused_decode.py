@@ -11,18 +11,7 @@ import random
 
 import pytest
 
-from freight.kernels.build import reset_kernel_caches
-from freight.kernels.cpu_features import supported_isas
 from freight.sampling_params import SamplingParams
-
-
-@pytest.fixture(params=[isa for isa in supported_isas() if isa != "generic"])
-def isa(request, monkeypatch):
-    monkeypatch.setenv("FREIGHT_KERNEL_ISA", request.param)
-    reset_kernel_caches()
-    yield request.param
-    monkeypatch.undo()
-    reset_kernel_caches()
 
 
 def _model(llm):
@@ -51,8 +40,10 @@ def test_fused_decode_is_bit_identical(random_model, make_llm, monkeypatch, isa,
         llm = make_llm(d, dtype=dtype, quantization=quantization)
         runs[fused] = _run(llm, llm.llm_engine.model_config.vocab_size)
         model = _model(llm)
-        assert (model._fused is not None) == (fused == "1"), "the native driver was not (or wrongly) used"
-        assert fused == "0" or model._fused.int8 == (quantization == "int8")
+        # (the generic build has no gemm.c: there the Python path runs either way)
+        used = fused == "1" and isa != "generic"
+        assert (model._fused is not None) == used, "the native driver was not (or wrongly) used"
+        assert not used or model._fused.int8 == (quantization == "int8")
     assert runs["1"] == runs["0"]
 
 

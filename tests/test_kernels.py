@@ -16,16 +16,6 @@ from freight.kernels.cpu_features import supported_isas
 from freight.layers.attention import AttentionMetadata, PagedAttention
 
 
-@pytest.fixture(params=supported_isas())
-def isa(request, monkeypatch):
-    """The kernels as built for one ISA level (FREIGHT_KERNEL_ISA), restored afterwards."""
-    monkeypatch.setenv("FREIGHT_KERNEL_ISA", request.param)
-    reset_kernel_caches()
-    yield request.param
-    monkeypatch.undo()
-    reset_kernel_caches()
-
-
 def _case(dtype, heads, kv_heads, dim, block_size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     num_blocks = 128
