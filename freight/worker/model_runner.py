@@ -12,7 +12,7 @@ fills while the forward runs) and samples.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -43,6 +43,14 @@ def _logprobs_lists(chosen: list[int], chosen_lp: list[float], top_ids, top_lps,
         ids.append([tok] + (top_ids[i][:k] if k > 0 else []))
         lps.append([lp] + (top_lps[i][:k] if k > 0 else []))
     return LogprobsLists(ids, lps)
+
+
+class _Sample(NamedTuple):
+    """One sampled position: the token, its logprob, and the top-k (when any row of the step asked)."""
+    token: int
+    logprob: float
+    top_ids: Optional[list[int]]
+    top_logprobs: Optional[list[float]]
 
 
 def _row_offsets(sampling: list[CachedRequestState]) -> list[int]:
@@ -184,7 +192,7 @@ class ModelRunner:
         as without speculation. Rejection is this draw landing elsewhere (probability 1 - p(draft)),
         which is the rejection sampler's residual for a deterministic drafter."""
         drafts = [s.spec_token_ids for s in states]
-        picked: dict[int, list[tuple]] = {i: [] for i, s in enumerate(states) if s.error is None}
+        picked: dict[int, list[_Sample]] = {i: [] for i, s in enumerate(states) if s.error is None}
         alive = list(picked)
         position = 0
         while alive:
@@ -194,7 +202,7 @@ class ModelRunner:
                 if sample is not None:
                     picked[i].append(sample)
             alive = [i for i in alive if states[i].error is None and position < len(drafts[i])
-                     and picked[i][-1][0] == drafts[i][position]]
+                     and picked[i][-1].token == drafts[i][position]]
             position += 1
         for i, samples in picked.items():
             s = states[i]
@@ -202,18 +210,17 @@ class ModelRunner:
                 continue
             s.fork_of = None
             result.req_ids.append(s.req_id)
-            result.sampled_token_ids.append([t for t, _, _, _ in samples])
-            result.sampled_logprobs.append([lp for _, lp, _, _ in samples])
+            tokens, logprobs = [x.token for x in samples], [x.logprob for x in samples]
+            result.sampled_token_ids.append(tokens)
+            result.sampled_logprobs.append(logprobs)
             k = s.sampling_params.logprobs
             if k is not None:
-                result.logprobs[s.req_id] = _logprobs_lists(
-                    [t for t, _, _, _ in samples], [lp for _, lp, _, _ in samples],
-                    [ids for _, _, ids, _ in samples], [lps for _, _, _, lps in samples], [k] * len(samples))
+                result.logprobs[s.req_id] = _logprobs_lists(tokens, logprobs, [x.top_ids for x in samples],
+                                                            [x.top_logprobs for x in samples], [k] * len(samples))
 
     def _sample_position(self, logits: torch.Tensor, states: list[CachedRequestState], rows: list[int],
-                         logit_rows: list[int], constrained: list[int]) -> list[Optional[tuple]]:
-        """One token for each of rows (from its logits row): (token, logprob, top ids, top logprobs),
-        or None where that request's sampling failed (it alone fails; greedy rows give the same tokens)."""
+                         logit_rows: list[int], constrained: list[int]) -> list[Optional[_Sample]]:
+        """One sample for each of rows (from its logits row), or None where that request's sampling failed (it alone fails; greedy rows give the same tokens)."""
         try:
             return self._sample_rows(logits, states, rows, logit_rows, constrained)
         except Exception:
@@ -228,7 +235,7 @@ class ModelRunner:
             return samples
 
     def _sample_rows(self, logits: torch.Tensor, states: list[CachedRequestState], rows: list[int],
-                     logit_rows: list[int], constrained: list[int]) -> list[tuple]:
+                     logit_rows: list[int], constrained: list[int]) -> list[_Sample]:
         """Sample the given rows; states change only once everything has succeeded."""
         picked = [states[i] for i in rows]
         st = SamplingTensors.from_requests(picked, [s.generator for s in picked], self.cfg.vocab_size, self.device)
@@ -246,7 +253,7 @@ class ModelRunner:
         top_lps = so.top_logprobs.tolist() if so.top_logprobs is not None else None
         for s, tok in zip(picked, token_ids):
             s.append_token(tok)
-        return [(tok, logprobs[j], top_ids[j] if top_ids else None, top_lps[j] if top_lps else None)
+        return [_Sample(tok, logprobs[j], top_ids[j] if top_ids else None, top_lps[j] if top_lps else None)
                 for j, tok in enumerate(token_ids)]
 
     def _prompt_logprobs(self, logits: torch.Tensor, inp: ModelInput, result: ModelRunnerOutput) -> None:
