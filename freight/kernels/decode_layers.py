@@ -60,7 +60,7 @@ class FusedDecodeLayers:
     """The layers of one model, ready for decode_layers; build() says whether the model qualifies."""
 
     def __init__(self, model, layers, dtype: torch.dtype, int8: bool):
-        self.model, self.layers, self.dtype, self.int8 = model, layers, dtype, int8
+        self.layers, self.dtype, self.int8 = layers, dtype, int8
         a, mlp = layers[0].self_attn, layers[0].mlp
         self.scale, self.eps = a.attn.scale, layers[0].input_layernorm.eps
         # (int8_gemm.c takes any row count; linear.py sends gemm.c at most its limit)
