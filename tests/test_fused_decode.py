@@ -31,7 +31,7 @@ def _run(llm, vocab: int) -> list:
     return got
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "llama_mqa_tied", "llama_rope_llama3", "mistral_gqa"])
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_mqa_tied", "llama_rope_llama3", "mistral_gqa", "qwen2_bias"])
 @pytest.mark.parametrize("dtype,quantization", [("bfloat16", None), ("float32", None), ("bfloat16", "int8")])
 def test_fused_decode_is_bit_identical(random_model, make_llm, monkeypatch, isa, name, dtype, quantization):
     d = random_model(name)
@@ -48,9 +48,9 @@ def test_fused_decode_is_bit_identical(random_model, make_llm, monkeypatch, isa,
     assert runs["1"] == runs["0"]
 
 
-@pytest.mark.parametrize("name", ["qwen2_bias", "qwen3_qknorm", "mistral_swa"])
+@pytest.mark.parametrize("name", ["qwen3_qknorm", "mistral_swa"])
 def test_models_it_does_not_cover_fall_back(random_model, make_llm, name):
-    """Biases, q/k norms and sliding windows are not in the driver: the Python path runs them."""
+    """q/k norms and sliding windows are not in the driver: the Python path runs them."""
     llm = make_llm(random_model(name), dtype="bfloat16")
     _run(llm, llm.llm_engine.model_config.vocab_size)
     model = _model(llm)

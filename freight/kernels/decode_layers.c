@@ -32,7 +32,7 @@ typedef int (*prefill_fn)(const void *, int64_t, const void *, const void *, con
 
 enum { F_NORM, F_ROTARY, F_SILU, F_GEMM, F_DECODE, F_INT8_GEMM, F_PREFILL, NUM_FNS };
 enum { L_NORM1, L_QKV, L_O, L_NORM2, L_GATE_UP, L_DOWN, L_K_CACHE, L_V_CACHE,
-       L_QKV_SCALES, L_O_SCALES, L_GATE_UP_SCALES, L_DOWN_SCALES, PTRS_PER_LAYER };
+       L_QKV_SCALES, L_O_SCALES, L_GATE_UP_SCALES, L_DOWN_SCALES, L_QKV_BIAS, PTRS_PER_LAYER };
 enum { D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_INTER, D_BLOCK_SIZE, D_ELEM_SIZE, D_INT8, NUM_DIMS };
 
 /* One projection: gemm.c on packed float weights, or int8_gemm.c on int8 weights and their scales. */
@@ -41,6 +41,30 @@ typedef struct {
     int8_gemm_fn int8_gemm;
     int x_bf16;
 } linears;
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* y [rows, n] += bias, as PyTorch's add_ rounds it: in float32, then (bf16) to nearest even. */
+static void add_bias(void *y, const void *bias, int rows, int n, int64_t es) {
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < n; i++) {
+            if (es == 4) {
+                ((float *)y)[(int64_t)r * n + i] += ((const float *)bias)[i];
+                continue;
+            }
+            uint16_t *out = (uint16_t *)y + (int64_t)r * n + i;
+            float v = bf16_to_f32(*out) + bf16_to_f32(((const uint16_t *)bias)[i]);
+            uint32_t u;
+            memcpy(&u, &v, sizeof u);
+            u += 0x7fffu + ((u >> 16) & 1u);
+            *out = (uint16_t)(u >> 16);
+        }
+}
 
 static int project(const linears *lin, const void *x, int64_t x_stride, const void *w, const void *scales, void *y,
                    int rows, int n, int k) {
@@ -89,6 +113,7 @@ int decode_layers(const void *const *fns, const void *const *layers, int num_lay
             norm(x, residual, w[L_NORM1], t, rows, hidden, eps);
         }
         if ((rc = project(&lin, t, hidden, w[L_QKV], w[L_QKV_SCALES], qkv, rows, qkv_size, hidden)) != 0) return rc;
+        if (w[L_QKV_BIAS]) add_bias(qkv, w[L_QKV_BIAS], rows, qkv_size, es);  /* Qwen2's q/k/v biases */
         rotary(qkv, rows, qkv_size, heads + kv_heads, dim, positions, cos_t, sin_t);
         for (int r = 0; r < rows; r++) {
             const char *k = qkv + ((int64_t)r * qkv_size + q_size) * es, *v = k + (int64_t)kv_size * es;

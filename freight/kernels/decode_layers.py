@@ -1,11 +1,12 @@
 """ctypes binding of decode_layers.c: every decoder layer of a small step in one native call.
 
 Used by Llama-shaped models (models/llama.py) when every piece the Python path would run is a native
-kernel here: plain RMSNorm, bias-free fused QKV / O / gate-up / down projections packed for gemm.c
-(and the step's rows within its row limit) or quantized for int8_gemm.c, rotary, paged decode attention without a sliding window
-or softcap (decodes; prefill chunks, such as speculative verification, through the prefill kernel), one
-rank. Anything else (a step of more rows than gemm.c takes, biases, CUDA, no compiler) takes the Python
-path, which computes the same values op by op.
+kernel here: plain RMSNorm; fused QKV (with or without Qwen2's biases), O, gate-up and down projections
+packed for gemm.c (the step's rows within its row limit) or quantized for int8_gemm.c; rotary; paged
+attention without a sliding window or softcap (decodes through the decode kernel; prefill chunks, such
+as speculative verification, through the prefill kernel); one rank. Anything else (a step of more rows
+than gemm.c takes, other biases, CUDA, no compiler) takes the Python path, which computes the same
+values op by op.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ def _kernels(dtype: torch.dtype) -> Optional[torch.Tensor]:
     return torch.tensor(addresses, dtype=torch.int64)
 
 
-def _weights(m) -> Optional[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
+def _weights(m, bias_ok: bool = False) -> Optional[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
     """How the driver multiplies by linear m: ("float", gemm.c's packed weight, None) or ("int8", packed int8
-    weight, scales); None when it cannot (a bias, or a weight the Python path multiplies another way)."""
-    if m is None or m.bias is not None:
+    weight, scales); None when it cannot (a weight the Python path multiplies another way, or a bias where
+    the driver adds none: it adds the QKV projection's)."""
+    if m is None or (m.bias is not None and not bias_ok):
         return None
     q = getattr(m, "_int8", None)
     if q is not None:
@@ -84,8 +86,10 @@ class FusedDecodeLayers:
         for layer in layers:
             a, mlp = layer.self_attn, layer.mlp
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            linears = [_weights(m) for m in (a.qkv_proj, a.o_proj, getattr(mlp, "gate_up_proj", None),
-                                             getattr(mlp, "down_proj", None))]
+            linears = [_weights(a.qkv_proj, bias_ok=True)] + [
+                _weights(m) for m in (a.o_proj, getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))]
+            if a.qkv_proj.bias is not None and a.qkv_proj.bias.dtype != dtype:
+                return None
             kinds.update(w[0] if w is not None else None for w in linears)
             if (any(type(n) is not RMSNorm or n.weight.dtype != dtype or n.eps != norms[0].eps for n in norms)
                     or len(kinds) != 1 or None in kinds or getattr(a, "q_norm", None) is not None
@@ -100,11 +104,13 @@ class FusedDecodeLayers:
             ptrs = []
             for layer, (k, v) in zip(self.layers, kv_caches):
                 a, mlp = layer.self_attn, layer.mlp
-                w = [_weights(m) for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+                w = [_weights(a.qkv_proj, bias_ok=True)] + [_weights(m) for m in (a.o_proj, mlp.gate_up_proj,
+                                                                                      mlp.down_proj)]
                 ptrs += [layer.input_layernorm.weight.data_ptr(), w[0][1].data_ptr(), w[1][1].data_ptr(),
                          layer.post_attention_layernorm.weight.data_ptr(), w[2][1].data_ptr(), w[3][1].data_ptr(),
                          k.data_ptr(), v.data_ptr()]
                 ptrs += [s.data_ptr() if s is not None else 0 for _, _, s in w]
+                ptrs.append(a.qkv_proj.bias.data_ptr() if a.qkv_proj.bias is not None else 0)
             self._table, self._cache_key = torch.tensor(ptrs, dtype=torch.int64), key
         return self._table
 

@@ -220,7 +220,8 @@ class ModelRunner:
 
     def _sample_position(self, logits: torch.Tensor, states: list[CachedRequestState], rows: list[int],
                          logit_rows: list[int], constrained: list[int]) -> list[Optional[_Sample]]:
-        """One sample for each of rows (from its logits row), or None where that request's sampling failed (it alone fails; greedy rows give the same tokens)."""
+        """One sample for each of rows (from its logits row), or None where that request's sampling failed
+        (it alone fails; greedy rows give the same tokens)."""
         try:
             return self._sample_rows(logits, states, rows, logit_rows, constrained)
         except Exception:
