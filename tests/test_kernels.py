@@ -253,15 +253,17 @@ GEMM_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 3, 5, 6, 7, 8, 9, 16, 33, 64])  # every row-group remainder of 4, 6 and 8
-def test_small_gemm_matches_linear(isa, dtype, rows):
+# tiles of 16 columns: 10 (enough per thread for the prefetch ahead to run; 5 a thread on 2 threads:
+# bf16 passes of 3 then 2 tiles), 8 (passes of 3 and 1) and 1
+@pytest.mark.parametrize("cols", [160, 128, 16])
+def test_small_gemm_matches_linear(isa, dtype, rows, cols):
     g = torch.Generator().manual_seed(4)
-    # 10 tiles of 16 columns: enough per thread for the prefetch two tiles ahead to run
-    w = (torch.randn(160, 40, generator=g) * 0.1).to(dtype)
+    w = (torch.randn(cols, 40, generator=g) * 0.1).to(dtype)
     if not small_gemm_supported(w):
         pytest.skip(f"no {dtype} small-row kernel at the {isa} level: decode matmuls stay on oneDNN")
     wide = torch.randn(rows, 50, generator=g).to(dtype)
     x = wide[:, :40]  # strided rows, as a slice of a larger activation
-    got = small_gemm(x, pack_weight(w), 160)
+    got = small_gemm(x, pack_weight(w), cols)
     if rows > small_gemm_max_rows(dtype):  # past the rows where the kernel beats oneDNN at this level
         assert got is None
         return

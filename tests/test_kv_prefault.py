@@ -9,11 +9,11 @@ from freight.worker import kv_prefault
 def test_prefault_keeps_contents_and_finishes():
     caches = [torch.randn(3, 300, 16, 64).to(torch.bfloat16) for _ in range(2)]
     before = [c.clone() for c in caches]
-    thread = kv_prefault.prefault_in_background(caches)
-    if thread is None:
+    prefault = kv_prefault.prefault_in_background(caches)
+    if prefault is None:
         pytest.skip("no madvise here (not Linux/glibc): the cache faults in on first use")
-    thread.join(timeout=60)
-    assert not thread.is_alive()
+    prefault.thread.join(timeout=60)
+    assert not prefault.thread.is_alive() and prefault.mapped == 300
     for c, b in zip(caches, before):
         assert torch.equal(c, b)
 
@@ -25,3 +25,36 @@ def test_prefault_can_be_turned_off(monkeypatch):
 
 def test_prefault_skips_non_cpu_tensors():
     assert kv_prefault.prefault_in_background([]) is None
+
+
+def test_map_now_stops_the_thread_and_maps_what_is_asked():
+    caches = [torch.randn(2, 600, 16, 64).to(torch.bfloat16) for _ in range(2)]
+    before = [c.clone() for c in caches]
+    prefault = kv_prefault.prefault_in_background(caches)
+    if prefault is None:
+        pytest.skip("no madvise here (not Linux/glibc): the cache faults in on first use")
+    prefault.map_now(450)
+    assert not prefault.thread.is_alive()
+    assert prefault.mapped >= 450  # (or all of it, if the thread got that far first)
+    prefault.map_now(10_000)  # past the end: clamped
+    assert prefault.mapped == 600
+    for c, b in zip(caches, before):
+        assert torch.equal(c, b)
+
+
+def test_engine_maps_kv_cache_before_a_timed_run():
+    """LLMEngine.map_kv_cache reaches the model runner's prefault (in-process core) and generation still works."""
+    from freight.config import EngineConfig
+    from freight.engine.llm_engine import LLMEngine
+    from freight.model_dir import default_model_path
+    from freight.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=default_model_path(), max_model_len=256))
+    runner = engine.engine_core.executor.worker.model_runner
+    assert engine.map_kv_cache(100)
+    if runner._kv_prefault is not None:
+        assert runner._kv_prefault.mapped >= 7 and not runner._kv_prefault.thread.is_alive()
+    engine.add_request("r", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(temperature=0, max_tokens=4))
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.shutdown()

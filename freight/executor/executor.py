@@ -55,6 +55,11 @@ class Executor(ABC):
     @abstractmethod
     def initialize_cache(self, num_blocks: int, max_model_len: int) -> None: ...
 
+    def map_kv_cache(self, num_blocks: int) -> None:
+        """Map the first num_blocks KV blocks' pages now (see worker/kv_prefault.py). Ranks in processes of
+        their own are only reachable from a core in a process of its own, which nobody asks this: they keep
+        mapping in the background."""
+
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> None:
         """Run the step's forward; the logits wait on the workers for sample_tokens."""

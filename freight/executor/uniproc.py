@@ -27,6 +27,9 @@ class UniProcExecutor(Executor):
     def initialize_cache(self, num_blocks: int, max_model_len: int) -> None:
         self.worker.initialize_cache(num_blocks, max_model_len)
 
+    def map_kv_cache(self, num_blocks: int) -> None:
+        self.worker.map_kv_cache(num_blocks)
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> None:
         self.worker.execute_model(scheduler_output)
 

@@ -2,12 +2,16 @@
 
 The cache is allocated empty so that start-up stays fast, but the first write to each
 page then costs a page fault, on the step that happens to need it (in a VM each fault
-also goes to the host: about 1.5 ms per MB here, so a fresh 256-token prompt paid ~15 ms
-of its time to first token). The block pool hands out blocks in id order until every
-block has been used once, so the pages are faulted in that order: block ranges from
-the lowest ids up, across every layer and head. MADV_POPULATE_WRITE (Linux 5.14+) maps
-pages without touching their contents, so it is safe beside the engine writing the
-same cache; the thread runs at the lowest priority, i.e. in the engine's idle time.
+also goes to the host: 3-5 ms per MB on the 2-core dev VM, so a fresh 256-token prompt
+paid ~15 ms of its time to first token, and a W1 run about 1 s). The block pool hands out
+blocks in id order until every block has been used once, so the pages are faulted in that
+order: block ranges from the lowest ids up, across every layer and head.
+MADV_POPULATE_WRITE (Linux 5.14+) maps pages without touching their contents, so it is
+safe beside the engine writing the same cache; the thread runs at the lowest priority,
+i.e. in the engine's idle time.
+
+A benchmark has no idle time before its timed run: `map_now(num_blocks)` stops the thread
+and maps the blocks it is about to use at once (vLLM zero-fills its whole cache at start-up).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import ctypes
 import logging
 import os
 import threading
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -36,35 +40,60 @@ def _madvise():
     return fn
 
 
-def prefault_in_background(caches: Sequence[torch.Tensor]) -> threading.Thread | None:
-    """caches: CPU tensors laid out [heads, num_blocks, ...]; returns the started thread (None: not here)."""
+class KVCachePrefault:
+    """Maps caches' block ranges in id order, on a background thread; `mapped` blocks [0, mapped) are done."""
+
+    def __init__(self, madvise, caches: list[torch.Tensor]):
+        self._madvise, self._caches = madvise, caches
+        self.num_blocks = caches[0].shape[1]
+        self.mapped = 0
+        self._failed = False
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="freight-kv-prefault", daemon=True)
+        self.thread.start()
+
+    def _map(self, b0: int, b1: int) -> bool:
+        """Map blocks [b0, b1) of every cache and head; False if madvise refused (nothing more to do)."""
+        block_bytes = self._caches[0][0, 0].numel() * self._caches[0].element_size()
+        page = os.sysconf("SC_PAGE_SIZE")
+        for cache in self._caches:
+            for h in range(cache.shape[0]):
+                start = cache.data_ptr() + (h * self.num_blocks + b0) * block_bytes
+                end = cache.data_ptr() + (h * self.num_blocks + b1) * block_bytes
+                start -= start % page  # madvise wants a page-aligned start
+                if self._madvise(start, end - start, MADV_POPULATE_WRITE) != 0:
+                    logger.debug("KV cache prefault stopped: madvise errno %d", ctypes.get_errno())
+                    self._failed = True  # e.g. EINVAL before Linux 5.14: pages fault in on first use
+                    return False
+        return True
+
+    def _run(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
+        except (OSError, AttributeError):
+            pass
+        block_bytes = self._caches[0][0, 0].numel() * self._caches[0].element_size()
+        step = max(1, _CHUNK_BYTES // block_bytes)
+        while self.mapped < self.num_blocks and not self._stop.is_set():
+            end = min(self.mapped + step, self.num_blocks)
+            if not self._map(self.mapped, end):
+                return
+            self.mapped = end
+
+    def map_now(self, num_blocks: int) -> None:
+        """Stop the background thread and map blocks [0, num_blocks) in the calling thread."""
+        self._stop.set()
+        self.thread.join()
+        end = min(num_blocks, self.num_blocks)
+        if self.mapped < end and not self._failed and self._map(self.mapped, end):
+            self.mapped = end
+
+
+def prefault_in_background(caches: Sequence[torch.Tensor]) -> Optional[KVCachePrefault]:
+    """caches: CPU tensors laid out [heads, num_blocks, ...]; the started prefault (None: not here)."""
     if os.environ.get("FREIGHT_KV_PREFAULT", "1") == "0" or not caches or caches[0].device.type != "cpu":
         return None
     madvise = _madvise()
     if madvise is None:
         return None
-    thread = threading.Thread(target=_run, args=(madvise, list(caches)), name="freight-kv-prefault", daemon=True)
-    thread.start()
-    return thread
-
-
-def _run(madvise, caches: list[torch.Tensor]) -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
-    except (OSError, AttributeError):
-        pass
-    heads, num_blocks = caches[0].shape[:2]
-    block_bytes = caches[0][0, 0].numel() * caches[0].element_size()
-    page = os.sysconf("SC_PAGE_SIZE")
-    step = max(1, _CHUNK_BYTES // block_bytes)
-    for b0 in range(0, num_blocks, step):
-        b1 = min(b0 + step, num_blocks)
-        for cache in caches:
-            for h in range(heads):
-                start = cache.data_ptr() + (h * num_blocks + b0) * block_bytes
-                end = cache.data_ptr() + (h * num_blocks + b1) * block_bytes
-                start -= start % page  # madvise wants a page-aligned start
-                if madvise(start, end - start, MADV_POPULATE_WRITE) != 0:
-                    err = ctypes.get_errno()
-                    logger.debug("KV cache prefault stopped: madvise errno %d", err)
-                    return  # e.g. EINVAL before Linux 5.14: pages fault in on first use, as before
+    return KVCachePrefault(madvise, list(caches))

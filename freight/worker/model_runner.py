@@ -79,12 +79,17 @@ class ModelRunner:
                            torch.empty(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
         self._zeroed_blocks = 0  # blocks [0, this) have been zeroed
         self._zero_on_first_use = needs_zeroed_cache(dtype, device)
-        if not self._zero_on_first_use:
-            prefault_in_background([t for pair in self.kv_caches for t in pair])
+        self._kv_prefault = None if self._zero_on_first_use else prefault_in_background(
+            [t for pair in self.kv_caches for t in pair])
         self.sampler = Sampler(seed, device)
         self.batch = InputBatch(max_num_seqs, -(-max_model_len // block_size), cfg.vocab_size, device)
         self._pending: Optional[tuple[Optional[torch.Tensor], Optional[ModelInput]]] = None
         self._pooled: dict[str, list[float]] = {}  # this step's finished pooling vectors
+
+    def map_kv_cache(self, num_blocks: int) -> None:
+        """Map the cache's first num_blocks blocks now, and stop mapping the rest in the background."""
+        if self._kv_prefault is not None:
+            self._kv_prefault.map_now(num_blocks)
 
     # -- the step -----------------------------------------------------------------
     def _zero_new_blocks(self, max_block_id: int) -> None:

@@ -86,6 +86,9 @@ class Worker:
                                         self.config.block_size, num_blocks, self.config.seed,
                                         self.config.max_num_seqs, max_model_len)
 
+    def map_kv_cache(self, num_blocks: int) -> None:
+        self.model_runner.map_kv_cache(num_blocks)
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> None:
         self.model_runner.execute_model(scheduler_output)
 
