@@ -397,3 +397,27 @@ def test_disable_c_kernels_turns_every_kernel_off(monkeypatch):
     finally:
         monkeypatch.undo()
         reset_kernel_caches()
+
+
+# -- greedy sampling (greedy.c) -----------------------------------------------------------------
+
+from freight.kernels.greedy import greedy  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_kernel_matches_argmax_and_log_softmax(isa, dtype):
+    g = torch.Generator().manual_seed(6)
+    wide = (torch.randn(7, 1100, generator=g) * 4).to(dtype)
+    x = wide[:, :1000]  # strided rows
+    x[2, 10] = x[2, 900] = x[2].max() + 1  # a tie: the first index wins, as torch.argmax
+    x[4, :] = 0.5  # a flat row
+    got = greedy(x)
+    if got is None:
+        assert os.environ.get("FREIGHT_DISABLE_C_KERNELS") == "1"
+        return
+    ids, logprobs = got
+    want = x.float().argmax(dim=-1)
+    assert torch.equal(ids, want)
+    torch.testing.assert_close(logprobs, torch.log_softmax(x.float(), dim=-1).gather(1, want[:, None]).squeeze(1),
+                               atol=1e-5, rtol=1e-6)
+    assert greedy(x[:, :0]) is None and greedy(x.t()) is None  # nothing to take / columns not contiguous

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from freight.kernels.greedy import greedy
 from freight.worker.sampling_tensors import Penalties, SamplingTensors
 
 
@@ -63,6 +64,11 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
+        if (st.all_greedy and st.max_num_logprobs <= 0 and st.banned is None and st.logit_bias is None
+                and st.penalties is None):  # plain greedy: one native pass per row, no log_softmax tensor
+            fast = greedy(logits)
+            if fast is not None:
+                return SamplerOutput(fast[0], fast[1], None, None)
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         logits = self.process(logits, st)
