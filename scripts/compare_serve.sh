@@ -2,10 +2,11 @@
 # freight serve vs vLLM serve, one after the other, each measured by `freight bench serve`:
 # 64 requests of 256 random prompt tokens / 128 output tokens at several Poisson rates.
 #   VLLM_VENV=/path/to/vllm-venv MODEL=/tmp/bench-135m scripts/compare_serve.sh > serve.jsonl
+# DTYPE=float32 on a CPU without AVX512_BF16 (both engines run it natively there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${VLLM_VENV:?set VLLM_VENV to the vLLM virtualenv}" "${MODEL:=/tmp/bench-135m}" "${PORT:=8765}"
-: "${RATES:=1 2 4 inf}" "${ENGINES:=freight vllm}"
+: "${RATES:=1 2 4 inf}" "${ENGINES:=freight vllm}" "${DTYPE:=bfloat16}"
 export HF_HUB_OFFLINE=1
 
 wait_ready() {  # prints the seconds from launch to a healthy server
@@ -17,11 +18,11 @@ wait_ready() {  # prints the seconds from launch to a healthy server
 for engine in $ENGINES; do
   start=$(python3 -c "import time; print(time.time())")
   if [ "$engine" = freight ]; then
-    .venv/bin/freight serve "$MODEL" --host 127.0.0.1 --port "$PORT" --dtype bfloat16 > /tmp/serve-$engine.log 2>&1 &
+    .venv/bin/freight serve "$MODEL" --host 127.0.0.1 --port "$PORT" --dtype "$DTYPE" > /tmp/serve-$engine.log 2>&1 &
   else
     VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 LD_PRELOAD="$VLLM_VENV/lib/libiomp5.so" \
       "$VLLM_VENV/bin/python" scripts/peer_vllm_cli.py serve "$MODEL" --host 127.0.0.1 --port "$PORT" \
-      --dtype bfloat16 --max-model-len 2048 > /tmp/serve-$engine.log 2>&1 &
+      --dtype "$DTYPE" --max-model-len 2048 > /tmp/serve-$engine.log 2>&1 &
   fi
   pid=$!
   ready=$(wait_ready "$start")

@@ -1,17 +1,25 @@
 """The KV-cache prefault thread maps pages without changing what the engine wrote."""
 
+import time
+
 import pytest
 import torch
 
 from freight.worker import kv_prefault
 
 
-def test_prefault_keeps_contents_and_finishes():
-    caches = [torch.randn(3, 300, 16, 64).to(torch.bfloat16) for _ in range(2)]
+def _started(heads: int, blocks: int):
+    """(caches with random contents, their copies, the started prefault); skips where there is none."""
+    caches = [torch.randn(heads, blocks, 16, 64).to(torch.bfloat16) for _ in range(2)]
     before = [c.clone() for c in caches]
     prefault = kv_prefault.prefault_in_background(caches)
     if prefault is None:
         pytest.skip("no madvise here (not Linux/glibc): the cache faults in on first use")
+    return caches, before, prefault
+
+
+def test_prefault_keeps_contents_and_finishes():
+    caches, before, prefault = _started(3, 300)
     prefault.thread.join(timeout=60)
     assert not prefault.thread.is_alive() and prefault.mapped == 300
     for c, b in zip(caches, before):
@@ -28,16 +36,35 @@ def test_prefault_skips_non_cpu_tensors():
 
 
 def test_map_now_stops_the_thread_and_maps_what_is_asked():
-    caches = [torch.randn(2, 600, 16, 64).to(torch.bfloat16) for _ in range(2)]
-    before = [c.clone() for c in caches]
-    prefault = kv_prefault.prefault_in_background(caches)
-    if prefault is None:
-        pytest.skip("no madvise here (not Linux/glibc): the cache faults in on first use")
+    caches, before, prefault = _started(2, 600)
     prefault.map_now(450)
     assert not prefault.thread.is_alive()
     assert prefault.mapped >= 450  # (or all of it, if the thread got that far first)
     prefault.map_now(10_000)  # past the end: clamped
     assert prefault.mapped == 600
+    for c, b in zip(caches, before):
+        assert torch.equal(c, b)
+
+
+def test_prefault_keeps_a_margin_ahead_of_the_blocks_in_use(monkeypatch):
+    # one block of every head and cache is 2 * 2 * 16 * 64 * 2 = 8 KiB: a margin of 10 blocks
+    monkeypatch.setattr(kv_prefault, "_AHEAD_BYTES", 80 << 10)
+    caches, before, prefault = _started(2, 600)
+    deadline = time.monotonic() + 60
+    while prefault.mapped < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert prefault.mapped == prefault.target == 10  # and no further while nothing is used
+    prefault.need(0)  # block 0 in use: the 10 mapped blocks are its margin already
+    assert prefault.target == 10
+    prefault.need(95)  # the engine reached block 95: map up to 95 + 1 + 10
+    assert prefault.target == 106
+    while prefault.mapped < 106 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert prefault.mapped == 106
+    prefault.need(599)
+    prefault.thread.join(timeout=60)
+    assert prefault.mapped == 600 and not prefault.thread.is_alive()  # all mapped: the thread ends
     for c, b in zip(caches, before):
         assert torch.equal(c, b)
 

@@ -116,9 +116,13 @@ class ModelRunner:
         if out.is_empty:
             self._pending = (None, None)
             return
-        if self._zero_on_first_use:
-            # (stale entries past a row's table are old block ids: at worst this zeroes ahead)
-            self._zero_new_blocks(int(self.batch.block_table[:self.batch.num_reqs].max()))
+        if self._zero_on_first_use or self._kv_prefault is not None:
+            # (stale entries past a row's table are old block ids: at worst this zeroes or maps ahead)
+            max_block_id = int(self.batch.block_table[:self.batch.num_reqs].max())
+            if self._zero_on_first_use:
+                self._zero_new_blocks(max_block_id)
+            else:
+                self._kv_prefault.need(max_block_id)
         if out.block_copies:
             self._copy_blocks(out.block_copies)
         inp = build_model_input(self.batch, out, self.block_size, self.device)
