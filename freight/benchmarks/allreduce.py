@@ -90,6 +90,11 @@ def _worker(rank: int, world_size: int, port: int, shm_name: str, sizes: list, d
 def run(args) -> dict:
     import multiprocessing
 
+    from freight.distributed.shm_comm import ShmCommunicator
+
+    if not ShmCommunicator.available():
+        raise SystemExit("freight bench allreduce: the shared-memory all-reduce kernel is not available here "
+                         "(no C compiler, FREIGHT_DISABLE_C_KERNELS=1 or no /dev/shm): nothing to compare gloo with")
     sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
