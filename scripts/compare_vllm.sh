@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${VLLM_VENV:?set VLLM_VENV to the vLLM virtualenv}" "${MODEL:=/tmp/bench-135m}" "${ROUNDS:=3}"
-FREIGHT=(.venv/bin/python -m freight bench throughput --model "$MODEL" --dtype bfloat16)
+: "${DTYPE:=bfloat16}"  # float32 on a CPU without AVX512_BF16 (both engines run it natively there)
+FREIGHT=(.venv/bin/python -m freight bench throughput --model "$MODEL" --dtype "$DTYPE")
 vllm() {
   VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 LD_PRELOAD="$VLLM_VENV/lib/libiomp5.so" \
-    HF_HUB_OFFLINE=1 "$VLLM_VENV/bin/python" scripts/peer_vllm_offline.py --model "$MODEL" "$@" 2>/dev/null \
+    HF_HUB_OFFLINE=1 "$VLLM_VENV/bin/python" scripts/peer_vllm_offline.py --model "$MODEL" --dtype "$DTYPE" "$@" 2>/dev/null \
     | grep '^{'
 }
 freight() { HF_HUB_OFFLINE=1 "${FREIGHT[@]}" "$@" 2>/dev/null | grep '^{'; }

@@ -17,6 +17,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--workloads", default="w1")
+    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-enable-prefix-caching", dest="caching", action="store_false")
     p.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     args = p.parse_args()
@@ -25,7 +26,7 @@ def main():
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, dtype="bfloat16", max_model_len=2048, seed=0,
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=2048, seed=0,
               enable_prefix_caching=args.caching)
     startup = time.perf_counter() - t0
     for name in args.workloads.split(","):

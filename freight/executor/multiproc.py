@@ -84,9 +84,20 @@ class MultiprocExecutor(DistributedExecutor):
         self._collect("load the model")
 
     def _send(self, call: WorkerCall) -> None:
+        import zmq
+
         frame = encode(call)
         for sock in self._calls:
-            sock.send(frame, copy=False)
+            # A PUSH socket whose rank is gone has no peer, and a plain send would then block for good: send
+            # without blocking, and between tries see whether the monitor has marked the group dead.
+            while True:
+                try:
+                    sock.send(frame, flags=zmq.NOBLOCK, copy=False)
+                    break
+                except zmq.Again:
+                    if self._dead is not None:
+                        raise ExecutorDeadError(self._dead) from None
+                    sock.poll(_POLL_MS, zmq.POLLOUT)
 
     def _replies(self) -> list[Optional[int]]:
         return self._collect("reply")
