@@ -62,6 +62,12 @@ def _row_offsets(sampling: list[CachedRequestState]) -> list[int]:
     return offsets
 
 
+def _newest_block_id(out: SchedulerOutput) -> int:
+    """The highest block id the step hands out (-1: none): only new blocks can raise the high-water mark."""
+    return max([max(r.block_ids, default=-1) for r in out.scheduled_new_reqs]
+               + [max(r.new_block_ids, default=-1) for r in out.scheduled_cached_reqs], default=-1)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                  block_size: int, num_blocks: int, seed: int, max_num_seqs: int, max_model_len: int):
@@ -116,13 +122,11 @@ class ModelRunner:
         if out.is_empty:
             self._pending = (None, None)
             return
-        if self._zero_on_first_use or self._kv_prefault is not None:
-            # (stale entries past a row's table are old block ids: at worst this zeroes or maps ahead)
-            max_block_id = int(self.batch.block_table[:self.batch.num_reqs].max())
-            if self._zero_on_first_use:
-                self._zero_new_blocks(max_block_id)
-            else:
-                self._kv_prefault.need(max_block_id)
+        if self._zero_on_first_use:
+            # (stale entries past a row's table are old block ids: at worst this zeroes ahead)
+            self._zero_new_blocks(int(self.batch.block_table[:self.batch.num_reqs].max()))
+        elif self._kv_prefault is not None:
+            self._kv_prefault.need(_newest_block_id(out))
         if out.block_copies:
             self._copy_blocks(out.block_copies)
         inp = build_model_input(self.batch, out, self.block_size, self.device)
