@@ -78,7 +78,7 @@ def test_engine_maps_kv_cache_before_a_timed_run():
 
     engine = LLMEngine(EngineConfig(model=default_model_path(), max_model_len=256))
     runner = engine.engine_core.executor.worker.model_runner
-    assert engine.map_kv_cache(100)
+    assert engine.map_kv_cache([100])
     if runner._kv_prefault is not None:
         assert runner._kv_prefault.mapped >= 7 and not runner._kv_prefault.thread.is_alive()
     engine.add_request("r", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(temperature=0, max_tokens=4))

@@ -216,10 +216,10 @@ class EngineCore:
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache.reset_prefix_cache()
 
-    def map_kv_cache(self, num_tokens: int) -> None:
-        """Map the pages of the KV blocks that num_tokens of new sequences would take first (the pool hands
-        out blocks in id order), before a timed run."""
-        self.executor.map_kv_cache(-(-num_tokens // self.config.block_size))
+    def map_kv_cache(self, seq_lens: list[int]) -> None:
+        """Map the pages of the KV blocks that new sequences of these lengths would take first (the pool
+        hands out blocks in id order), before a timed run."""
+        self.executor.map_kv_cache(sum(-(-n // self.config.block_size) for n in seq_lens))
 
     def shutdown(self) -> None:
         if self._structured is not None:

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from typing import Optional
 
 from freight.config import EngineConfig
+from freight.ipc import send_while_alive
 from freight.engine.messages import (CoreFinish, CoreUtility, EngineCoreOutputs, EngineCoreReady, EngineCoreRequest,
                                      RequestType, decode_output, encode)
 
@@ -221,22 +222,13 @@ class MPCoreClient(CoreClient):
                 raise EngineDeadError(f"engine core {i} (pid {p.pid}) died with exit code {p.exitcode}")
 
     def _send(self, engine: int, kind: RequestType, payload) -> None:
-        import zmq
+        def check_alive() -> None:
+            proc = self._procs[engine]
+            if not proc.is_alive():
+                raise EngineDeadError(f"engine core {engine} (pid {proc.pid}) died with exit code {proc.exitcode}")
 
-        frames = [bytes([kind]), encode(payload)]
         with self._send_lock:
-            # A PUSH socket whose peer is gone blocks forever: send without blocking, and while the
-            # frames cannot go out, make sure the core is still there to take them.
-            while True:
-                try:
-                    self._ins[engine].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                    return
-                except zmq.Again:
-                    proc = self._procs[engine]
-                    if not proc.is_alive():
-                        raise EngineDeadError(f"engine core {engine} (pid {proc.pid}) died with exit code "
-                                              f"{proc.exitcode}") from None
-                    time.sleep(0.005)
+            send_while_alive(self._ins[engine], [bytes([kind]), encode(payload)], check_alive)
 
     def add_request(self, request: EngineCoreRequest, engine: int) -> None:
         self._send(engine, RequestType.ADD, request)

@@ -145,12 +145,13 @@ class LLMEngine:
         self.client.call_utility("reset_prefix_cache")
         return True
 
-    def map_kv_cache(self, num_tokens: int) -> bool:
-        """Map the KV cache pages that num_tokens (summed over sequences) will use, now rather than on first
-        use (benchmarks call this before their timed run); False where the core runs in a process of its own."""
+    def map_kv_cache(self, seq_lens: list[int]) -> bool:
+        """Map the KV cache pages that sequences of these lengths (prompt + output) will use, now rather than on
+        first use (benchmarks call this before their timed run); False where the core runs in a process of its
+        own."""
         if not isinstance(self.client, InprocCoreClient):
             return False
-        self.engine_core.map_kv_cache(num_tokens)
+        self.engine_core.map_kv_cache(seq_lens)
         return True
 
     def shutdown(self) -> None:

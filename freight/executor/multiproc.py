@@ -23,6 +23,7 @@ from freight.distributed.parallel_state import DistributedInit
 from freight.executor.distributed import DistributedExecutor, ExecutorDeadError, RankPlan
 from freight.executor.worker_calls import (REPLIED, Shutdown, WorkerCall, WorkerReply, decode_call, decode_reply,
                                            encode, handle)
+from freight.ipc import send_while_alive
 from freight.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -84,20 +85,13 @@ class MultiprocExecutor(DistributedExecutor):
         self._collect("load the model")
 
     def _send(self, call: WorkerCall) -> None:
-        import zmq
-
         frame = encode(call)
-        for sock in self._calls:
-            # A PUSH socket whose rank is gone has no peer, and a plain send would then block for good: send
-            # without blocking, and between tries see whether the monitor has marked the group dead.
-            while True:
-                try:
-                    sock.send(frame, flags=zmq.NOBLOCK, copy=False)
-                    break
-                except zmq.Again:
-                    if self._dead is not None:
-                        raise ExecutorDeadError(self._dead) from None
-                    sock.poll(_POLL_MS, zmq.POLLOUT)
+        for sock in self._calls:  # (a rank that died is marked dead by the monitor thread)
+            send_while_alive(sock, [frame], self._check_alive)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise ExecutorDeadError(self._dead)
 
     def _replies(self) -> list[Optional[int]]:
         return self._collect("reply")
